@@ -1,0 +1,161 @@
+"""Allocators: from unit scores to the units each group loses.
+
+``--sparsity`` is the fraction of decoder-layer parameters removed (embeddings and the LM head
+excluded). Every allocator returns ``{group id: sorted array of removed unit indices}`` and never
+removes the last `floor` units of a group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import PruningError
+from .graph.groups import Group
+
+ALLOCATIONS = ("uniform", "global", "cfsp")
+
+
+@dataclass
+class Allocation:
+    removed: dict[str, np.ndarray]
+    floored: list[str] = field(default_factory=list)  # groups that hit the floor
+    notes: list[str] = field(default_factory=list)
+
+    def removed_params(self, groups: dict[str, Group]) -> int:
+        return sum(len(r) * groups[g].params_per_unit for g, r in self.removed.items())
+
+
+def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
+    # Stable order: ties are broken by unit index, so runs are deterministic.
+    order = np.lexsort((np.arange(len(scores)), scores))
+    return np.sort(order[:count])
+
+
+def _keep_rounded(units: int, remove: int, floor: int, round_to: int) -> int:
+    """Number removed after keeping at least `floor` units and a multiple of `round_to` kept."""
+    remove = max(0, min(remove, units - floor))
+    if round_to > 1:
+        keep = units - remove
+        keep = min(units, int(np.ceil(keep / round_to) * round_to))
+        remove = units - keep
+    return remove
+
+
+def _standardise(values: np.ndarray) -> np.ndarray:
+    std = values.std()
+    return (values - values.mean()) / (std if std > 0 else 1.0)
+
+
+def allocate(groups: list[Group], scores: dict[str, np.ndarray], *, method: str, sparsity: float,
+             total_params: int, floor: int = 1, round_to: int = 1,
+             block_importance: dict[int, float] | None = None,
+             comparable: dict[str, np.ndarray] | None = None) -> Allocation:
+    """Decide which units to remove so that `sparsity` × `total_params` parameters go."""
+    if method not in ALLOCATIONS:
+        raise PruningError(f"unknown allocation '{method}' (choose from {', '.join(ALLOCATIONS)})")
+    target = sparsity * total_params
+    by_id = {g.id: g for g in groups}
+    prunable = sum(g.units * g.params_per_unit for g in groups)
+    if prunable <= 0:
+        raise PruningError("no prunable groups were selected")
+    if target > prunable - sum(min(floor, g.units) * g.params_per_unit for g in groups):
+        raise PruningError(f"sparsity {sparsity} needs {target:,.0f} parameters removed but the selected groups "
+                           f"hold only {prunable:,} (keeping {floor} unit(s) per group): lower --sparsity or "
+                           f"widen --target")
+    if method == "global":
+        if comparable is None:
+            comparable = {gid: _standardise(v) for gid, v in scores.items()}
+        return _global(groups, scores, comparable, target, floor, round_to)
+    if method == "cfsp":
+        if not block_importance:
+            raise PruningError("the cfsp allocation needs block angles from calibration (criterion cfsp)")
+        return _by_block(groups, scores, target, floor, round_to, block_importance)
+    return _uniform(groups, scores, target, floor, round_to, by_id)
+
+
+def _uniform(groups, scores, target, floor, round_to, by_id) -> Allocation:
+    """Same fraction in every layer and kind; the coarse kinds (heads) are rounded first and the
+    fine-grained channels absorb the rounding so the total lands on the target."""
+    alloc = Allocation({})
+    total = sum(g.units * g.params_per_unit for g in groups)
+    fraction = target / total
+    coarse = [g for g in groups if g.units < 64]
+    fine = [g for g in groups if g.units >= 64]
+    removed = 0.0
+    for g in coarse:
+        n = _keep_rounded(g.units, int(round(fraction * g.units)), floor, round_to if g.kind == "channel" else 1)
+        alloc.removed[g.id] = _lowest(scores[g.id], n)
+        removed += n * g.params_per_unit
+    if fine:
+        fine_params = sum(g.units * g.params_per_unit for g in fine)
+        fine_fraction = min(max((target - removed) / fine_params, 0.0), 1.0)
+        for g in fine:
+            want = int(round(fine_fraction * g.units))
+            n = _keep_rounded(g.units, want, floor, round_to)
+            if n < want:
+                alloc.floored.append(g.id)
+            alloc.removed[g.id] = _lowest(scores[g.id], n)
+    return alloc
+
+
+def _global(groups, scores, comparable, target, floor, round_to) -> Allocation:
+    """FLAP's AL-AM: standardised scores (per layer, from the criterion) of every unit of every
+    kind ranked together, lowest first, each weighted by its parameter cost, until the target is
+    removed."""
+    alloc = Allocation({})
+    items = []  # (comparable score, cost, group id, unit)
+    for g in groups:
+        z = np.asarray(comparable[g.id], dtype=np.float64)
+        for u in range(g.units):
+            items.append((z[u], g.params_per_unit, g.id, u))
+    items.sort(key=lambda t: (t[0], t[2], t[3]))
+    removed_count = {g.id: 0 for g in groups}
+    units = {g.id: g.units for g in groups}
+    chosen: dict[str, list[int]] = {g.id: [] for g in groups}
+    removed = 0.0
+    for z, cost, gid, u in items:
+        if removed >= target:
+            break
+        if removed + cost - target > target - removed:
+            continue  # would overshoot more than it closes: let cheaper units fill the gap
+        if units[gid] - removed_count[gid] <= floor:
+            if gid not in alloc.floored:
+                alloc.floored.append(gid)
+            continue
+        chosen[gid].append(u)
+        removed_count[gid] += 1
+        removed += cost
+    by_id = {g.id: g for g in groups}
+    for gid, picked in chosen.items():
+        g = by_id[gid]
+        n = _keep_rounded(g.units, len(picked), floor, round_to if g.kind == "channel" else 1)
+        # rounding can only keep more: drop the highest-scoring of the picked units first
+        picked = sorted(picked, key=lambda u: scores[gid][u])[:n]
+        alloc.removed[gid] = np.array(sorted(picked), dtype=np.int64)
+    return alloc
+
+
+def _by_block(groups, scores, target, floor, round_to, importance) -> Allocation:
+    """CFSP's coarse step: a block that changes its input less (small angle) is pruned harder.
+    Block b gets fraction f_b ∝ 1/angle_b, scaled so the total matches the target."""
+    alloc = Allocation({})
+    layers = sorted({g.layer for g in groups if g.layer is not None})
+    inv = {l: 1.0 / max(importance.get(l, np.mean(list(importance.values()))), 1e-12) for l in layers}
+    mean_inv = float(np.mean(list(inv.values())))
+    weight = {l: inv[l] / mean_inv for l in layers}
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # bisect the base fraction so the removed parameters hit the target
+        mid = (lo + hi) / 2
+        total = 0
+        for g in groups:
+            f = min(0.95, mid * weight.get(g.layer, 1.0))
+            total += _keep_rounded(g.units, int(round(f * g.units)), floor, round_to) * g.params_per_unit
+        lo, hi = (mid, hi) if total < target else (lo, mid)
+    for g in groups:
+        f = min(0.95, hi * weight.get(g.layer, 1.0))
+        n = _keep_rounded(g.units, int(round(f * g.units)), floor, round_to)
+        alloc.removed[g.id] = _lowest(scores[g.id], n)
+    alloc.notes.append("block fractions: " + ", ".join(f"{l}:{min(0.95, hi * weight[l]):.2f}" for l in layers))
+    return alloc

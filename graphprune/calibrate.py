@@ -1,0 +1,181 @@
+"""Calibration statistics collected with forward hooks, batch by batch.
+
+Only running sums are kept (per input channel of the consumer layers a criterion asks for, and the
+per-block angle CFSP needs), so the activations of the whole model are never held at once: the
+memory cost is one batch of activations plus O(channels) accumulators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class InputStats:
+    """Per input-channel statistics of a layer's input over all calibration tokens (float64)."""
+
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    gram: torch.Tensor | None = None  # E[x xᵀ] numerator, when asked for (compensation)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        # Unbiased sample variance, as FLAP's fluctuation metric uses.
+        n = max(self.count, 2)
+        return (self.sumsq - self.sum * self.sum / max(self.count, 1)).clamp_min(0) / (n - 1)
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """‖X_j‖² over calibration tokens."""
+        return self.sumsq
+
+
+@dataclass
+class Calibration:
+    inputs: dict[str, InputStats] = field(default_factory=dict)  # module name -> stats of its input
+    block_angle: dict[int, float] = field(default_factory=dict)  # decoder block -> Σ_t arccos(cos)/π
+    tokens: int = 0
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """The ModuleList holding the repeated blocks (decoder/encoder layers), by structure."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if n_layers is not None and len(module) != n_layers:
+                continue
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: list[str] = (),
+            gram_modules: list[str] = (), block_angles: bool = False, batch_size: int = 8,
+            progress: bool = True, add_kwargs: dict | None = None) -> Calibration:
+    """Run `batches` ([n, seqlen] token ids) through `model`, accumulating statistics."""
+    result = Calibration()
+    modules = dict(model.named_modules())
+    handles = []
+
+    def input_hook(name: str, want_gram: bool):
+        def hook(module, args, kwargs=None):
+            x = args[0] if args else next(iter(kwargs.values()))
+            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            st = result.inputs.get(name)
+            if st is None:
+                dim = x.shape[-1]
+                st = InputStats(0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64),
+                                torch.zeros(dim, dim, dtype=torch.float64) if want_gram else None)
+                result.inputs[name] = st
+            st.count += x.shape[0]
+            st.sum += x.sum(0)
+            st.sumsq += (x * x).sum(0)
+            if st.gram is not None:
+                st.gram += x.T @ x
+        return hook
+
+    wanted_gram = set(gram_modules)
+    for name in dict.fromkeys(list(input_modules) + list(gram_modules)):
+        handles.append(modules[name].register_forward_pre_hook(input_hook(name, name in wanted_gram)))
+
+    if block_angles:
+        blocks = find_blocks(model)
+        if blocks is not None:
+            for index, block in enumerate(blocks[1]):
+                def angle_hook(module, args, kwargs, output, index=index):
+                    x = args[0] if args else kwargs.get("hidden_states")
+                    y = output[0] if isinstance(output, (tuple, list)) else output
+                    cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
+                    # cos can exceed 1 by rounding: clamp before arccos (CFSP's NaN trap).
+                    angle = torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi
+                    result.block_angle[index] = result.block_angle.get(index, 0.0) + float(angle.sum())
+                handles.append(block.register_forward_hook(angle_hook, with_kwargs=True))
+    # Statistics live in the layers: run the base model and skip the LM head (a 49k-wide matmul
+    # per token for SmolLM2, a fifth of the forward cost).
+    body = getattr(model, "base_model", None) or model
+    kwargs = dict(add_kwargs or {})
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs.setdefault("use_cache", False)
+    try:
+        with torch.no_grad():
+            steps = range(0, batches.shape[0], batch_size)
+            for start in tqdm(steps, desc="calibration", unit="batch", disable=not progress, leave=False):
+                chunk = batches[start:start + batch_size]
+                body(input_ids=chunk, **kwargs)
+                result.tokens += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return result
+
+
+def cache_key(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("GRAPHPRUNE_CALIB_CACHE"):
+        return Path(os.environ["GRAPHPRUNE_CALIB_CACHE"])
+    return Path(os.environ.get("GRAPHPRUNE_CACHE", Path.home() / ".cache" / "graphprune")) / "calibration"
+
+
+def save_cached(key: str, calib: Calibration) -> None:
+    """Keep statistics so re-pruning at another sparsity skips calibration (safetensors, no pickle)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, st in calib.inputs.items():
+        tensors[f"in/{name}/sum"] = st.sum
+        tensors[f"in/{name}/sumsq"] = st.sumsq
+        tensors[f"in/{name}/count"] = torch.tensor([st.count], dtype=torch.int64)
+        if st.gram is not None:
+            tensors[f"in/{name}/gram"] = st.gram
+    for index, angle in calib.block_angle.items():
+        tensors[f"angle/{index}"] = torch.tensor([angle], dtype=torch.float64)
+    tensors["tokens"] = torch.tensor([calib.tokens], dtype=torch.int64)
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{key}.{os.getpid()}.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, directory / f"{key}.safetensors")
+
+
+def load_cached(key: str) -> Calibration | None:
+    from safetensors.torch import load_file
+
+    path = cache_dir() / f"{key}.safetensors"
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+        return None
+    calib = Calibration(tokens=int(tensors.pop("tokens")[0]))
+    for key_name, value in tensors.items():
+        kind, rest = key_name.split("/", 1)
+        if kind == "angle":
+            calib.block_angle[int(rest)] = float(value[0])
+            continue
+        name, field_name = rest.rsplit("/", 1)
+        st = calib.inputs.setdefault(name, InputStats(0, None, None))  # type: ignore[arg-type]
+        if field_name == "count":
+            st.count = int(value[0])
+        else:
+            setattr(st, field_name, value)
+    return calib

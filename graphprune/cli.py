@@ -1,0 +1,199 @@
+"""`graphprune` command line: a thin layer over the Python API.
+
+User mistakes (`UserError`) print one line and exit 2; bugs print a short message with a hint to
+report them (the traceback with --debug) and exit 1; Ctrl-C / SIGTERM exit 130 / 143 after removing
+any partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from .errors import GraphpruneError, UserError, ValidationError
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so `finally` blocks clean up like on Ctrl-C."""
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not strictly between 0 and 1")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _load(spec: str, args):
+    from .models import load_model
+
+    return load_model(spec, allow_pickle=getattr(args, "allow_pickle", False),
+                      trust_remote_code=getattr(args, "trust_remote_code", False))
+
+
+def cmd_inspect(args) -> int:
+    from .graph import analyze
+    from .graph.report import render
+
+    loaded = _load(args.model, args)
+    if loaded.model is None:
+        raise UserError("inspect of ONNX files is not available yet; inspect the PyTorch model")
+    groups = analyze(loaded.model, seq_len=args.seq_len)
+    print(groups.to_json() if args.json else render(groups, show_fixed=args.all))
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .export import prepare_output, save_pruned
+    from .pipeline import compress
+
+    loaded = _load(args.model, args)
+    out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
+    result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
+                      target=args.target, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                      seed=args.seed, compensate=args.compensate, round_to=args.round_to,
+                      progress=not args.quiet, use_cache=not args.no_cache)
+    source_dir = loaded.path if loaded.path.is_dir() else None
+    save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
+                force=args.force)
+    r = result.report
+    p = r["params"]
+    print(f"{r['model']}: {r['criterion']} / {r['allocation']} removed {p['layers_before'] - p['layers_after']:,} of "
+          f"{p['layers_before']:,} layer parameters (sparsity {p['achieved_sparsity']:.4f}, asked {r['requested_sparsity']}); "
+          f"total {p['before']:,} -> {p['after']:,}; FLOPs/token {r['flops_per_token']['before']:.3g} -> "
+          f"{r['flops_per_token']['after']:.3g}")
+    layout = "uniform layers: loads with transformers' from_pretrained" if r["uniform_layers"] else \
+        "per-layer sizes: load with graphprune.load_pruned(path)"
+    print(f"wrote {out} ({layout}) in {r['timings_s']['total']:.1f}s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data.calibration import read_text_file
+    from .data.perplexity import perplexity
+
+    loaded = _load(args.model, args)
+    if loaded.model is None or loaded.tokenizer is None:
+        raise UserError("eval needs a PyTorch language model with a tokenizer")
+    text = read_text_file(args.data)
+    result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=args.seqlen, windows=args.windows,
+                        progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"ppl": result.ppl, "nll": result.nll_mean, "windows": result.windows,
+                          "seqlen": args.seqlen}))
+    else:
+        print(f"perplexity {result.ppl:.4f} over {result.windows} windows of {args.seqlen} tokens")
+    return 0
+
+
+def cmd_criteria(args) -> int:
+    from . import criteria
+
+    for name in criteria.available():
+        doc = (criteria.get(name).__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<12} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphprune", description="Structured pruning compiler.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("model", help="alias (smollm2-135m, gemma3-270m, minilm-l6), HF directory, .gguf or .onnx")
+        p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only)")
+        p.add_argument("--trust-remote-code", action="store_true")
+
+    p = sub.add_parser("inspect", help="print the dependency groups of a model")
+    model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="also list fixed (never prunable) groups")
+    p.add_argument("--seq-len", type=_positive_int, default=8, help="tokens in the tracing input")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compress", help="prune a model and write the smaller one")
+    model_args(p)
+    p.add_argument("--criterion", default="flap")
+    p.add_argument("--sparsity", type=_fraction, default=0.2, help="fraction of layer parameters to remove")
+    p.add_argument("--allocation", default="global", choices=["uniform", "global", "cfsp"])
+    p.add_argument("--target", default="channels,heads",
+                   help="comma list of: channels, heads (= whole KV groups), query-heads")
+    p.add_argument("--calib", default="default", help="text file, 'default' (bundled excerpt) or hf:dataset")
+    p.add_argument("--nsamples", type=_positive_int, default=128)
+    p.add_argument("--seqlen", type=_positive_int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compensate", choices=["none", "bias"], default=None,
+                   help="default: bias for flap, none otherwise")
+    p.add_argument("--round-to", type=_positive_int, default=1, help="keep channel counts a multiple of this")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-cache", action="store_true", help="recompute calibration statistics")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity of a causal LM on a text file")
+    model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--windows", type=_positive_int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("criteria", help="list the available criteria")
+    p.set_defaults(func=cmd_criteria)
+    return parser
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"graphprune: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"graphprune: validation failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("graphprune: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("graphprune: terminated; no output was written", file=sys.stderr)
+        return 143
+    except Exception as exc:  # noqa: BLE001
+        if args.debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"graphprune: internal error: {type(exc).__name__}: {first} -- this is a bug in graphprune; "
+              f"rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

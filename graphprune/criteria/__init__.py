@@ -1,0 +1,58 @@
+"""Criteria: score the units of a dependency group (higher = more important = kept).
+
+Each criterion lives in its own module and registers itself by name with `@register`. Third-party
+criteria are discovered through the ``graphprune.criteria`` entry-point group: an entry point
+``name = package.module:CriterionClass`` makes ``--criterion name`` work.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import metadata
+
+from ..errors import UserError
+from .base import Criterion, ScoringContext
+
+_REGISTRY: dict[str, type[Criterion]] = {}
+
+
+def register(cls: type[Criterion]) -> type[Criterion]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    from . import cfsp, fisher, flap, magnitude, taylor, wanda_sp  # noqa: F401
+
+
+def _load_entry_points() -> None:
+    try:
+        eps = metadata.entry_points(group="graphprune.criteria")
+    except Exception:  # noqa: BLE001 - a broken environment must not hide the built-ins
+        return
+    for ep in eps:
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"criterion plugin '{ep.name}' ({ep.value}) failed to load: {exc}") from exc
+        _REGISTRY[ep.name] = cls
+
+
+def available() -> list[str]:
+    _load_builtin()
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **options) -> Criterion:
+    names = available()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown criterion '{name}'{hint} (available: {', '.join(names)})")
+    return _REGISTRY[name](**options)
+
+
+__all__ = ["Criterion", "ScoringContext", "available", "get", "register"]

@@ -1,0 +1,97 @@
+"""What a criterion sees and the helpers they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..calibrate import Calibration, InputStats
+from ..graph.groups import Group, GroupSet, ParamSlice
+
+
+@dataclass
+class ScoringContext:
+    model: torch.nn.Module
+    groups: GroupSet
+    params: dict[str, torch.Tensor]  # every parameter/state name (tied names too) -> tensor
+    calibration: Calibration | None = None
+    unit_gradients: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # gid -> stats
+
+    def weight(self, s: ParamSlice) -> torch.Tensor:
+        """The slice's parameter as [units, width, rest...] (unit axis first)."""
+        w = self.params[s.param].detach().to(torch.float64)
+        moved = w.movedim(s.axis, 0)
+        idx = torch.as_tensor(s.indices, dtype=torch.long)
+        return moved[idx.reshape(-1)].reshape(idx.shape[0], idx.shape[1], *moved.shape[1:])
+
+    def input_stats(self, s: ParamSlice) -> InputStats | None:
+        """Calibration statistics of the input of the layer that reads slice `s` as its input axis."""
+        if self.calibration is None or s.role != "linear.in":
+            return None
+        return self.calibration.inputs.get(module_of(s.param))
+
+
+def zscore(values) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    std = values.std(ddof=1) if values.size > 1 else 0.0
+    return (values - values.mean()) / (std if std > 0 else 1.0)
+
+
+def module_of(param: str) -> str:
+    return param.rsplit(".", 1)[0]
+
+
+def consumer_slices(group: Group) -> list[ParamSlice]:
+    """Slices where the group's units are the *input* features of a linear layer (down_proj, o_proj)."""
+    return [s for s in group.slices if s.role == "linear.in"]
+
+
+class Criterion:
+    """Scores units of groups. Subclasses set `name`, `needs`, and implement `score`."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"activations", "gradients", "block_angles"}
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def score(self, group: Group, ctx: ScoringContext) -> np.ndarray:
+        raise NotImplementedError
+
+    def global_score(self, group: Group, ctx: ScoringContext, raw: np.ndarray) -> np.ndarray:
+        """Scores comparable across groups and kinds, for the global allocation. Default: z-score
+        within the group (per layer and kind), as FLAP standardises its metrics per layer."""
+        return zscore(raw)
+
+    def channel_stats(self, group: Group, ctx: ScoringContext, fn, column_transform=None) -> np.ndarray:
+        """Average fn(stats, W_columns) over the consumer columns of each unit.
+
+        `fn(stats_subset, columns)` gets per-column statistics and the consumer weight columns
+        ([out, n_cols]) and returns one score per column.
+        """
+        total = np.zeros(group.units)
+        count = 0
+        for s in consumer_slices(group):
+            st = ctx.input_stats(s)
+            if st is None:
+                continue
+            w = ctx.params[s.param].detach().to(torch.float64)  # [out, in]
+            idx = torch.as_tensor(s.indices, dtype=torch.long)  # [units, width]
+            per_column = fn(st, w)  # [in]
+            if column_transform is not None:
+                per_column = column_transform(per_column)
+            total += per_column[idx].mean(dim=1).numpy()
+            count += 1
+        if count == 0:
+            raise MissingStatistics(group)
+        return total / count
+
+
+class MissingStatistics(Exception):
+    def __init__(self, group: Group) -> None:
+        super().__init__(f"group {group.id} ({group.kind} {group.scope}) has no consumer layer with "
+                         f"calibration statistics")
+        self.group = group

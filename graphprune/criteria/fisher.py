@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from . import register
+from .base import Criterion
+
+
+@register
+class Fisher(Criterion):
+    """Fisher information of each unit's mask variable (Kwon et al. 2022, "A Fast Post-Training
+    Pruning Framework"): F(u) = mean over calibration batches of (Σ_{w in unit} w · ∂L/∂w)², the
+    diagonal empirical Fisher of a multiplicative mask m_u at m_u = 1. Removing a unit costs about
+    ½·F(u) in loss. L is the LM loss for decoders (InfoNCE for encoders comes with the embedding
+    workflow).
+    """
+
+    name = "fisher"
+    needs = frozenset({"gradients"})
+
+    def score(self, group, ctx):
+        stats = ctx.unit_gradients[group.id]
+        return stats["sumsq"] / max(stats["batches"], 1)

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import register
+from .base import Criterion
+
+
+@register
+class Magnitude(Criterion):
+    """Weight magnitude of each unit over every parameter slice of its group.
+
+    score(u) = (Σ_slices Σ |W[slice_u]|^p)^(1/p), p = 2 by default (``norm=1`` for L1).
+    Calibration-free. Source: Li et al. 2017 (filter L1 norm), Torch-Pruning's MagnitudeImportance
+    (group reduction: sum over the coupled parameters).
+    """
+
+    name = "magnitude"
+
+    def score(self, group, ctx):
+        p = float(self.options.get("norm", 2))
+        total = torch.zeros(group.units, dtype=torch.float64)
+        for s in group.slices:
+            w = ctx.weight(s)
+            total += w.abs().pow(p).reshape(group.units, -1).sum(1)
+        return total.pow(1.0 / p).numpy()

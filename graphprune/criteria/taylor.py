@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import numpy as np
+
+from . import register
+from .base import Criterion
+
+
+@register
+class Taylor(Criterion):
+    """First-order Taylor importance of a whole unit (LLM-Pruner's group-level estimate):
+    score(u) = | Σ_batches Σ_{w in unit} w · ∂L/∂w |, the loss change predicted when every weight of
+    the unit is zeroed. L is the language-model loss on the calibration windows.
+    Source: Molchanov et al. 2019; Ma et al. 2023 (LLM-Pruner).
+    """
+
+    name = "taylor"
+    needs = frozenset({"gradients"})
+
+    def score(self, group, ctx):
+        return np.abs(ctx.unit_gradients[group.id]["sum"])

@@ -1,0 +1,107 @@
+"""Write a pruned model as an HF directory (safetensors), atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import OutputError
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def prepare_output(out: str | Path, *, inputs: list[Path] = (), force: bool = False) -> Path:
+    """Check the output location before any work: never the input, never a non-empty dir without force."""
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise OutputError(f"output {out} overlaps the input {src}; choose another --out")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a directory")
+        if any(out.iterdir()) and not force:
+            raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
+    if not out.parent.exists():
+        raise OutputError(f"parent directory of {out} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise OutputError(f"cannot write to {out.parent}")
+    return out
+
+
+def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = None, report: dict | None = None,
+                source_dir: Path | None = None, force: bool = False) -> Path:
+    """Save config + safetensors (+ tokenizer, report.json, sentence-transformers files) into `out`.
+
+    Everything goes to a temporary sibling directory first; it replaces `out` only when complete,
+    so an interrupted run never leaves a half-written model that looks finished.
+    """
+    out = Path(out).expanduser().resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if source_dir is not None:
+            for name in SENTENCE_TRANSFORMERS_FILES:
+                if (source_dir / name).exists():
+                    shutil.copy2(source_dir / name, tmp / name)
+            pooling = source_dir / "1_Pooling"
+            if pooling.is_dir():
+                shutil.copytree(pooling, tmp / "1_Pooling")
+        if report is not None:
+            (tmp / "graphprune_report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        if out.exists():
+            if not force and any(out.iterdir()):
+                raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a graphprune output, including per-layer (heterogeneous) shapes that plain
+    `from_pretrained` cannot build: the model is instantiated layer by layer from the config's
+    `graphprune_layer_overrides`, then the safetensors weights are loaded strictly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    import transformers
+
+    from ..passes.config import instantiate
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, arch, None) if arch else None
+    if model_class is None:
+        raise OutputError(f"{path}: config names no known architecture ({arch})")
+    model = instantiate(model_class, config, device="cpu")
+    state: dict[str, torch.Tensor] = {}
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    for f in files:
+        state.update(load_file(str(path / f)))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    persistent = set(model.state_dict())
+    tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    missing = [m for m in missing if m in persistent and m not in tied]
+    if missing or unexpected:
+        raise OutputError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.to(dtype).eval()

@@ -1,0 +1,374 @@
+"""Dependency groups: the connected components of coupled axes, described for people and code.
+
+After propagation every class of leaf atoms that touches a parameter is one `Group`. Unit ``u`` of
+the group is index ``u`` of the class; removing it removes, from every member parameter, the
+indices listed in ``ParamSlice.indices[u]``. Kinds are read off the structure, not off names:
+
+* ``hidden``   - touches the embedding dimension (the residual stream),
+* ``expert``   - addressed through router choices (top-k / argmax indices),
+* ``kv-group`` - a head-like factor with another head-like factor nested inside it (GQA),
+* ``head``     - a major factor of a reshaped axis (attention heads),
+* ``head_dim`` - the minor factor of a reshaped axis,
+* ``channel``  - everything else (FFN channels, conv channels, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .ir import INPUT, PARAM, STATE, Graph
+from .layout import Layout, Prod, Sum
+from .rules import BlockedOp, Propagation, propagate
+
+PRUNABLE, OPT_IN, FIXED, BLOCKED = "prunable", "opt-in", "fixed", "blocked"
+
+
+@dataclass
+class ParamSlice:
+    """Unit u of a group covers `indices[u]` along `axis` of parameter `param`."""
+
+    param: str
+    axis: int
+    indices: np.ndarray  # [units, width]
+    role: str  # how the consuming op reads this axis: linear.in, linear.out, bias, norm, ...
+    op: str | None = None  # name of the IR op that reads the parameter
+    shape: tuple[int, ...] = ()
+
+    @property
+    def width(self) -> int:
+        return int(self.indices.shape[1])
+
+    def describe(self) -> str:
+        return f"{self.param}[{self.axis}]" + (f"×{self.width}" if self.width > 1 else "")
+
+
+@dataclass
+class Group:
+    id: str
+    kind: str
+    units: int
+    unit_size: int  # contiguous indices per unit in its widest member (head_dim for a head)
+    slices: list[ParamSlice]
+    scope: str  # common module prefix of the members
+    layer: int | None
+    status: str
+    reason: str | None = None
+    params_per_unit: int = 0
+    flops_per_unit: float = 0.0  # per token (per example for non-token inputs)
+    parent: str | None = None  # a head group's kv-group
+    children: list[str] = field(default_factory=list)
+    root: int = -1  # atom class (internal)
+
+    @property
+    def prunable(self) -> bool:
+        return self.status == PRUNABLE
+
+    def members(self) -> list[str]:
+        return [s.describe() for s in self.slices]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "scope": self.scope, "layer": self.layer,
+            "units": self.units, "unit_size": self.unit_size, "status": self.status,
+            "reason": self.reason, "params_per_unit": self.params_per_unit,
+            "flops_per_unit": self.flops_per_unit, "parent": self.parent, "children": self.children,
+            "members": [{"param": s.param, "axis": s.axis, "width": s.width, "role": s.role}
+                        for s in self.slices],
+        }
+
+
+@dataclass
+class GroupSet:
+    graph: Graph
+    groups: list[Group]
+    blocked_ops: list[BlockedOp]
+    tokens: int
+    propagation: Propagation | None = None
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def by_id(self, gid: str) -> Group:
+        return next(g for g in self.groups if g.id == gid)
+
+    def select(self, kind: str | None = None, status: str | None = None) -> list[Group]:
+        return [g for g in self.groups if (kind is None or g.kind == kind) and (status is None or g.status == status)]
+
+    def summary(self) -> dict[str, Any]:
+        by_kind: dict[str, dict[str, int]] = {}
+        for g in self.groups:
+            entry = by_kind.setdefault(g.kind, {"groups": 0, "units": 0, "prunable_params": 0})
+            entry["groups"] += 1
+            entry["units"] += g.units
+            if g.status in (PRUNABLE, OPT_IN):
+                entry["prunable_params"] += g.units * g.params_per_unit
+        blocked = [{"group": g.id, "scope": g.scope, "reason": g.reason} for g in self.groups if g.status == BLOCKED]
+        return {"frontend": self.graph.frontend, "by_kind": by_kind, "blocked_groups": blocked,
+                "ops_without_rule": [{"op": b.source_op, "location": b.location, "why": b.why} for b in self.blocked_ops],
+                "notes": self.graph.notes}
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.graph.source, "summary": self.summary(),
+                           "groups": [g.to_dict() for g in self.groups]}, indent=1)
+
+
+# ============================================================================ construction
+def _param_roles(graph: Graph) -> dict[tuple[str, int], tuple[str, str]]:
+    """(tensor, axis) -> (role, op name) for the first op that reads each parameter axis."""
+    roles: dict[tuple[str, int], tuple[str, str]] = {}
+
+    def put(t: str, axis: int, role: str, op: str) -> None:
+        roles.setdefault((t, axis), (role, op))
+
+    for op in graph.ops.values():
+        for pos, t in enumerate(op.inputs):
+            if t is None or graph.tensors[t].kind not in (PARAM, STATE):
+                continue
+            nd = graph.tensors[t].ndim
+            if op.op == "linear":
+                if pos == 1:
+                    put(t, 0, "linear.out", op.name)
+                    put(t, 1, "linear.in", op.name)
+                else:
+                    put(t, 0, "linear.bias", op.name)
+            elif op.op in ("matmul", "addmm"):
+                if op.op == "addmm" and pos == 0:
+                    put(t, nd - 1, "linear.bias", op.name)
+                    continue
+                second = pos == (2 if op.op == "addmm" else 1)
+                if second and nd >= 2:
+                    put(t, nd - 2, "linear.in", op.name)
+                    put(t, nd - 1, "linear.out", op.name)
+                elif nd >= 2:
+                    put(t, nd - 1, "matmul.in", op.name)
+                    put(t, nd - 2, "matmul.out", op.name)
+            elif op.op == "conv":
+                if pos == 1:
+                    put(t, 0, "conv.out", op.name)
+                    put(t, 1, "conv.in", op.name)
+                else:
+                    put(t, 0, "conv.bias", op.name)
+            elif op.op == "embedding" and pos == 0:
+                put(t, 0, "embedding.rows", op.name)
+                put(t, 1, "embedding.dim", op.name)
+            elif op.op in ("layer_norm", "batch_norm"):
+                for a in range(nd):
+                    put(t, a, "norm", op.name)
+            elif op.op in ("index", "gather", "index_select"):
+                put(t, 0, "indexed", op.name)
+                for a in range(1, nd):
+                    put(t, a, op.op, op.name)
+            else:
+                for a in range(nd):
+                    put(t, a, op.op, op.name)
+    return roles
+
+
+def _positions(layout: Layout, root: int, atoms) -> list[tuple[bool, bool, int, list[int]]]:
+    """Where class `root` sits in a resolved layout: (has_major, has_minor, block, minor_roots)."""
+    found: list[tuple[bool, bool, int, list[int]]] = []
+
+    def walk(node: Layout, major: bool) -> None:
+        if isinstance(node, int):
+            if node == root:
+                found.append((major, False, 1, []))
+            return
+        if isinstance(node, Prod):
+            parts = list(node.parts)
+            for i, part in enumerate(parts):
+                if part == root:
+                    minors = parts[i + 1:]
+                    block = int(np.prod([atoms.size(m) for m in minors])) if minors else 1
+                    roots = [leaf for m in minors for leaf in atoms.leaves(m)]
+                    found.append((major or i > 0, bool(minors), block, roots))
+                else:
+                    walk(part, major or i > 0)
+            return
+        for part in node.parts:  # Sum
+            walk(part, major)
+
+    walk(layout, False)
+    return found
+
+
+def _scope(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    common: list[str] = []
+    for items in zip(*parts):
+        if all(x == items[0] for x in items):
+            common.append(items[0])
+        else:
+            break
+    return ".".join(common)
+
+
+def _layer_of(scope: str) -> int | None:
+    for part in scope.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _flop_ops(graph: Graph, prop: Propagation):
+    """(total FLOPs, iteration-axis layouts) for every op that does multiply-adds."""
+    def shape(t):
+        return graph.tensors[t].shape
+
+    for op in graph.ops.values():
+        if op.op == "linear":
+            x, w = op.inputs[0], op.inputs[1]
+            y = op.outputs[0]
+            yield 2 * int(np.prod(shape(y))) * shape(x)[-1], prop.L(y) + [prop.L(x)[-1]]
+        elif op.op in ("matmul", "addmm"):
+            a, b = (op.inputs[0], op.inputs[1]) if op.op == "matmul" else (op.inputs[1], op.inputs[2])
+            y = op.outputs[0]
+            yield 2 * int(np.prod(shape(y))) * shape(a)[-1], prop.L(y) + [prop.L(a)[-1]]
+        elif op.op == "conv":
+            x, w = op.inputs[0], op.inputs[1]
+            y = op.outputs[0]
+            yield 2 * int(np.prod(shape(y))) * int(np.prod(shape(w)[1:])), prop.L(y) + [prop.L(x)[1]]
+        elif op.op == "sdpa":
+            q, k, v = op.inputs[:3]
+            y = op.outputs[0]
+            s = shape(k)[-2]
+            flops = 2 * int(np.prod(shape(q))) * s + 2 * int(np.prod(shape(y))) * s
+            yield flops, prop.L(q) + [prop.L(k)[-2], prop.L(v)[-1]]
+
+
+def build_groups(graph: Graph, prop: Propagation | None = None) -> GroupSet:
+    prop = prop or propagate(graph)
+    atoms = prop.atoms
+    roles = _param_roles(graph)
+
+    inputs = [t for t in graph.tensors.values() if t.kind == INPUT]
+    token_input = next((t for t in inputs if t.dtype.startswith("int") and t.ndim == 2), None)
+    tokens = int(np.prod(token_input.shape)) if token_input else (inputs[0].shape[0] if inputs and inputs[0].shape else 1)
+
+    routing_roots = {leaf for _, layout in prop.routing_axes for leaf in atoms.leaves(layout)}
+
+    # Which classes appear where: param axes.
+    members: dict[int, list[tuple[str, int, Layout]]] = {}
+    read = {t for op in graph.ops.values() for t in op.inputs if t is not None}
+    for t in graph.parameters():
+        if t.name not in read:  # e.g. the second name of a tied weight: never read in the graph
+            continue
+        for axis, layout in enumerate(prop.L(t.name)):
+            resolved = atoms.resolve(layout)
+            for leaf in set(atoms.leaves(resolved)):
+                if atoms.size(leaf) > 1:
+                    members.setdefault(leaf, []).append((t.name, axis, resolved))
+
+    indices_cache: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+    pinned = {root for root in members if atoms.pin_reason(root)}
+
+    def indices_of(tname: str, axis: int, layout: Layout) -> dict[int, np.ndarray]:
+        key = (tname, axis)
+        if key not in indices_cache:
+            wanted = {r for r in atoms.leaves(layout) if r not in pinned}
+            indices_cache[key] = atoms.unit_indices(layout, only=wanted)
+        return indices_cache[key]
+
+    # FLOPs per unit: an op with F multiply-add FLOPs whose iteration axis (size n) holds the class
+    # with `width` indices per unit saves F * width / n per removed unit.
+    flops: dict[int, float] = {}
+    for total, axes in _flop_ops(graph, prop):
+        for layout in axes:
+            resolved = atoms.resolve(layout)
+            n = atoms.size(resolved)
+            wanted = {leaf for leaf in atoms.leaves(resolved) if leaf in members and leaf not in pinned}
+            if n <= 1 or not wanted:
+                continue
+            for leaf, idx in atoms.unit_indices(resolved, only=wanted).items():
+                flops[leaf] = flops.get(leaf, 0.0) + total * idx.shape[1] / n
+
+    groups: list[Group] = []
+    head_like: dict[int, list[int]] = {}  # class -> head-like classes nested inside it
+    info: dict[int, dict[str, Any]] = {}
+    for root, occurrences in members.items():
+        has_minor = has_major_only = False
+        block = 1
+        nested: list[int] = []
+        embedding_dim = False
+        for tname, axis, resolved in occurrences:
+            role = roles.get((tname, axis), ("", ""))[0]
+            embedding_dim |= role == "embedding.dim"
+            for major, minor, blk, minor_roots in _positions(resolved, root, atoms):
+                if minor:
+                    has_minor = True
+                    block = max(block, blk)
+                    nested.extend(minor_roots)
+                elif major:
+                    has_major_only = True
+        info[root] = {"embedding_dim": embedding_dim, "has_minor": has_minor,
+                      "minor_only": has_major_only and not has_minor, "block": block}
+        head_like[root] = nested
+
+    def kind_of(root: int) -> str:
+        i = info[root]
+        if i["embedding_dim"]:
+            return "hidden"
+        if root in routing_roots:
+            return "expert"
+        if i["has_minor"]:
+            inner_heads = [r for r in head_like[root] if r in info and info[r]["has_minor"]]
+            return "kv-group" if inner_heads else "head"
+        if i["minor_only"]:
+            return "head_dim"
+        return "channel"
+
+    order = sorted(members, key=lambda r: min(_param_order(graph, t) for t, _, _ in members[r]))
+    ids = {root: f"g{n}" for n, root in enumerate(order)}
+    for root in order:
+        occurrences = members[root]
+        kind = kind_of(root)
+        reason = atoms.pin_reason(root)
+        if reason:
+            status = BLOCKED if reason.startswith("blocked by") else FIXED
+        else:
+            status = OPT_IN if kind in ("hidden", "head_dim") else PRUNABLE
+        slices: list[ParamSlice] = []
+        params_per_unit = 0
+        units = atoms.size(root)
+        for tname, axis, resolved in occurrences:
+            tensor = graph.tensors[tname]
+            role, op_name = roles.get((tname, axis), ("unused", None))
+            if status in (PRUNABLE, OPT_IN):
+                idx = indices_of(tname, axis, resolved)[root]
+            else:
+                idx = np.zeros((units, 0), dtype=np.int64)
+            slices.append(ParamSlice(tensor.source_name or tname, axis, idx, role, op_name, tensor.shape))
+            width = idx.shape[1] if idx.size else tensor.shape[axis] // units
+            other = int(np.prod([s for k, s in enumerate(tensor.shape) if k != axis]))
+            params_per_unit += width * other
+        scope = _scope([s.param for s in slices])
+        groups.append(Group(
+            id=ids[root], kind=kind, units=units, unit_size=info[root]["block"], slices=slices,
+            scope=scope, layer=_layer_of(scope), status=status, reason=reason,
+            params_per_unit=params_per_unit, flops_per_unit=flops.get(root, 0.0) / max(tokens, 1), root=root))
+
+    by_root = {g.root: g for g in groups}
+    for g in groups:
+        if g.kind == "kv-group":
+            for r in head_like[g.root]:
+                child = by_root.get(r)
+                if child is not None and child.kind == "head" and child.id not in g.children:
+                    g.children.append(child.id)
+                    child.parent = g.id
+    return GroupSet(graph, groups, prop.blocked, tokens, prop)
+
+
+def _param_order(graph: Graph, tname: str) -> int:
+    # Execution order of the first op reading the parameter: groups print in model order.
+    if not hasattr(graph, "_param_order_cache"):
+        cache: dict[str, int] = {}
+        for n, op in enumerate(graph.ops.values()):
+            for t in op.inputs:
+                if t is not None and t not in cache:
+                    cache[t] = n
+        graph._param_order_cache = cache  # type: ignore[attr-defined]
+    return graph._param_order_cache.get(tname, 1 << 30)  # type: ignore[attr-defined]

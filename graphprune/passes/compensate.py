@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..calibrate import Calibration
+from ..criteria.base import consumer_slices, module_of
+from ..graph.groups import Group
+
+
+@dataclass
+class CompensationResult:
+    bias_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> added bias
+    new_biases: list[str] = field(default_factory=list)  # modules that had no bias before
+
+
+class BiasCompensation:
+    """FLAP's bias compensation: a removed input channel j of a consumer layer y = W x + b is
+    replaced by its calibration mean, which is a constant the layer adds:
+        b' = b + Σ_{j removed} W[:, j] · mean(x_j)
+    so the output keeps its expected value. Applied to every consumer (o_proj, down_proj, ...)
+    of every pruned group with statistics; a layer without a bias gets one.
+    """
+
+    def run(self, state: dict[str, torch.Tensor], groups: list[Group], removed: dict[str, np.ndarray],
+            calibration: Calibration) -> CompensationResult:
+        result = CompensationResult()
+        for g in groups:
+            units = removed.get(g.id)
+            if units is None or len(units) == 0:
+                continue
+            for s in consumer_slices(g):
+                module = module_of(s.param)
+                stats = calibration.inputs.get(module)
+                if stats is None:
+                    continue
+                cols = torch.as_tensor(s.indices[units].reshape(-1))
+                w = state[s.param].to(torch.float64)
+                delta = w[:, cols] @ stats.mean[cols]
+                if module in result.bias_delta:
+                    result.bias_delta[module] += delta
+                else:
+                    result.bias_delta[module] = delta
+        for module, delta in result.bias_delta.items():
+            key = f"{module}.bias"
+            dtype = state[f"{module}.weight"].dtype
+            if key in state:
+                state[key] = (state[key].to(torch.float64) + delta).to(dtype)
+            else:
+                state[key] = delta.to(dtype)
+                result.new_biases.append(module)
+        return result

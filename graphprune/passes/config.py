@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..calibrate import find_blocks
+from ..errors import PruningError
+from ..graph.groups import Group
+
+# Config keys by meaning, most common spelling first. The matching key is the one whose current
+# value equals the group's original unit count, so nothing here is tied to a model family.
+CHANNEL_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "ffn_hidden_size")
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
+OVERRIDES_KEY = "graphprune_layer_overrides"
+
+
+@dataclass
+class ConfigResult:
+    config: Any
+    layer_values: dict[int, dict[str, int]]
+    uniform: bool
+    bias_keys: list[str] = field(default_factory=list)
+
+
+def _find_key(config, keys: tuple[str, ...], value: int) -> str | None:
+    for k in keys:
+        if getattr(config, k, None) == value:
+            return k
+    if keys is CHANNEL_KEYS and getattr(config, "n_inner", "missing") is None:
+        return "n_inner"  # GPT-2 leaves n_inner unset, meaning 4 * n_embd
+    return None
+
+
+def head_dim_of(config) -> int | None:
+    explicit = getattr(config, "head_dim", None)
+    if explicit:
+        return int(explicit)
+    heads = next((getattr(config, k) for k in HEAD_KEYS if getattr(config, k, None)), None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return hidden // heads if heads and hidden else None
+
+
+def instantiate(model_class, config, device: str | torch.device = "meta") -> torch.nn.Module:
+    """Build `model_class(config)` honouring per-layer overrides, without random initialisation."""
+    from transformers.initialization import no_init_weights
+
+    overrides = getattr(config, OVERRIDES_KEY, None) or {}
+    with torch.device(device), no_init_weights():
+        model = model_class(config)
+        if overrides:
+            found = find_blocks(model)
+            if found is None:
+                raise PruningError("per-layer sizes need a model with a list of layers")
+            _, blocks = found
+            for index, values in overrides.items():
+                layer_config = copy.deepcopy(config)
+                setattr(layer_config, OVERRIDES_KEY, None)
+                for key, value in values.items():
+                    setattr(layer_config, key, value)
+                block_class = type(blocks[int(index)])
+                params = inspect.signature(block_class.__init__).parameters
+                blocks[int(index)] = (block_class(layer_config, layer_idx=int(index)) if "layer_idx" in params
+                                      else block_class(layer_config))
+    return model
+
+
+class ConfigRewrite:
+    """Write the pruned sizes into the config: intermediate size, head counts (and `head_dim`
+    explicitly, since hidden_size / heads no longer gives it), bias flags for compensated layers.
+    Layers that differ become per-layer overrides (`graphprune_layer_overrides`)."""
+
+    def run(self, config, model_class, groups: list[Group], removed: dict[str, np.ndarray],
+            state_shapes: dict[str, tuple[int, ...]], new_biases: list[str], n_layers: int) -> ConfigResult:
+        new = copy.deepcopy(config)
+        head_dim = head_dim_of(config)
+        by_id = {g.id: g for g in groups}
+        layer_values: dict[int, dict[str, int]] = {}
+        for g in groups:
+            if g.layer is None:
+                raise PruningError(f"group {g.id} ({g.kind} {g.scope}) is not inside a layer; "
+                                   f"the config cannot describe its new size")
+            kept = g.units - len(removed.get(g.id, ()))
+            values = layer_values.setdefault(g.layer, {})
+            if g.kind == "channel":
+                key = _find_key(config, CHANNEL_KEYS, g.units)
+                if key is None:
+                    raise PruningError(f"no config key holds the size {g.units} of {g.scope}; cannot rewrite the config")
+                values[key] = kept
+            elif g.kind == "kv-group":
+                child = by_id.get(g.children[0]) if g.children else None
+                per_group = (child.units - len(removed.get(child.id, ()))) if child else \
+                    _find_heads(config) // max(g.units, 1)
+                values[_find_key(config, KV_KEYS, g.units) or "num_key_value_heads"] = kept
+                values[_find_key(config, HEAD_KEYS, _find_heads(config)) or "num_attention_heads"] = kept * per_group
+            elif g.kind == "head":
+                if g.parent and g.parent in by_id:
+                    continue  # written with its kv-group
+                kv = _find_kv(config)
+                heads = _find_heads(config)
+                if kv is not None and kv != heads:  # query heads within untouched kv groups
+                    values[_find_key(config, HEAD_KEYS, heads) or "num_attention_heads"] = kv * kept
+                else:
+                    values[_find_key(config, HEAD_KEYS, heads) or "num_attention_heads"] = kept
+                    if kv is not None:
+                        values[_find_key(config, KV_KEYS, kv) or "num_key_value_heads"] = kept
+            else:
+                raise PruningError(f"pruning {g.kind} groups is not supported by the HF config rewrite")
+        if any(k in HEAD_KEYS for v in layer_values.values() for k in v) and head_dim:
+            new.head_dim = head_dim
+        # Fill untouched layers with the original values so every layer states all keys.
+        keys = sorted({k for v in layer_values.values() for k in v})
+        originals = {k: getattr(config, k) if getattr(config, k) is not None else _default_of(config, k) for k in keys}
+        full = {i: {k: layer_values.get(i, {}).get(k, originals[k]) for k in keys} for i in range(n_layers)}
+        distinct = {tuple(sorted(v.items())) for v in full.values()}
+        uniform = len(distinct) <= 1
+        if uniform and full:
+            for k, v in full[0].items():
+                setattr(new, k, v)
+        elif full:
+            base = full[0]
+            for k, v in base.items():
+                setattr(new, k, v)
+            setattr(new, OVERRIDES_KEY, {str(i): v for i, v in full.items() if v != base})
+        bias_keys = self._bias_flags(new, model_class, new_biases) if new_biases else []
+        self._verify(new, model_class, state_shapes)
+        return ConfigResult(new, full, uniform, bias_keys)
+
+    @staticmethod
+    def _bias_flags(config, model_class, modules: list[str]) -> list[str]:
+        """Find boolean config keys that give the compensated layers a bias (e.g. `attention_bias`,
+        `mlp_bias` for Llama) by trying them on a meta model."""
+        needed = set(modules)
+        candidates = [k for k, v in config.to_dict().items() if isinstance(v, bool) and not v and "bias" in k]
+        chosen = []
+        for key in candidates:
+            trial = copy.deepcopy(config)
+            setattr(trial, key, True)
+            for k in chosen:
+                setattr(trial, k, True)
+            names = {n.rsplit(".", 1)[0] for n, _ in instantiate(model_class, trial).named_parameters()
+                     if n.endswith(".bias")}
+            if names & needed:
+                chosen.append(key)
+                needed -= names
+            if not needed:
+                break
+        if needed:
+            raise PruningError(f"no config flag adds a bias to {sorted(needed)[:3]}: use --compensate none")
+        for key in chosen:
+            setattr(config, key, True)
+        return chosen
+
+    @staticmethod
+    def _verify(config, model_class, state_shapes: dict[str, tuple[int, ...]]) -> None:
+        model = instantiate(model_class, config)
+        expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        wrong = [f"{n}: weights {state_shapes[n]} vs config {expected[n]}" for n in state_shapes
+                 if n in expected and tuple(state_shapes[n]) != expected[n]]
+        if wrong:
+            raise PruningError("the rewritten config does not describe the pruned weights: " + "; ".join(wrong[:3]))
+
+
+def _find_heads(config) -> int:
+    return next(getattr(config, k) for k in HEAD_KEYS if getattr(config, k, None))
+
+
+def _find_kv(config) -> int | None:
+    return next((getattr(config, k) for k in KV_KEYS if getattr(config, k, None)), None)
+
+
+def _default_of(config, key: str) -> int:
+    if key == "n_inner":
+        return 4 * config.n_embd
+    raise PruningError(f"config key {key} has no value")

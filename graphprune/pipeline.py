@@ -1,0 +1,292 @@
+"""`compress`: trace -> groups -> calibration -> scores -> allocation -> rewrite -> validate -> save."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import allocation as alloc_mod
+from . import criteria as criteria_mod
+from .calibrate import Calibration, cache_key, collect, find_blocks, load_cached, save_cached
+from .criteria.base import MissingStatistics, ScoringContext, consumer_slices, module_of
+from .errors import PruningError, UserError
+from .graph import GroupSet, analyze
+from .graph.groups import PRUNABLE, OPT_IN, Group
+from .passes import BiasCompensation, ConfigRewrite, SliceParameters, Validate
+from .passes.config import instantiate
+
+TARGETS = {"channels": ("channel",), "heads": ("kv-group",), "query-heads": ("head",), "kv-groups": ("kv-group",),
+           "experts": ("expert",), "hidden": ("hidden",)}
+COMPENSATIONS = ("none", "bias")
+
+
+@dataclass
+class CompressResult:
+    model: torch.nn.Module
+    report: dict[str, Any]
+    groups: GroupSet
+    removed: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _layer_params(model: torch.nn.Module) -> int:
+    """Parameters inside the repeated blocks (decoder/encoder layers): the sparsity denominator."""
+    found = find_blocks(model)
+    if found is None:
+        return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in found[1].parameters())
+
+
+def select_groups(groups: GroupSet, target: str) -> list[Group]:
+    kinds: set[str] = set()
+    for part in [t.strip() for t in target.split(",") if t.strip()]:
+        if part not in TARGETS:
+            raise UserError(f"unknown --target '{part}' (choose from {', '.join(TARGETS)})")
+        kinds.update(TARGETS[part])
+    chosen = [g for g in groups if g.kind in kinds and g.status in (PRUNABLE, OPT_IN)]
+    if not chosen:
+        blocked = [g for g in groups if g.kind in kinds]
+        if blocked:
+            reasons = "; ".join(sorted({(g.reason or g.status) for g in blocked})[:2])
+            raise PruningError(f"no prunable {target} groups: {reasons}")
+        raise PruningError(f"the model has no {target} groups to prune")
+    return chosen
+
+
+def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_size: int, progress: bool):
+    """Per unit of every chosen group: Σ_batches s_b and Σ_batches s_b² with s_b = Σ_unit w·∂L/∂w."""
+    from tqdm.auto import tqdm
+
+    params = dict(model.named_parameters())
+    stats = {g.id: {"sum": np.zeros(g.units), "sumsq": np.zeros(g.units), "batches": 0} for g in chosen}
+    was_training = model.training
+    model.eval()
+    needed = {s.param for g in chosen for s in g.slices}
+    for name, p in params.items():
+        p.requires_grad_(name in needed)
+    try:
+        for start in tqdm(range(0, batches.shape[0], batch_size), desc="gradients", disable=not progress, leave=False):
+            chunk = batches[start:start + batch_size]
+            model.zero_grad(set_to_none=True)
+            out = model(input_ids=chunk, labels=chunk)
+            out.loss.backward()
+            for g in chosen:
+                per_unit = torch.zeros(g.units, dtype=torch.float64)
+                for s in g.slices:
+                    p = params[s.param]
+                    if p.grad is None:
+                        continue
+                    wg = (p.detach() * p.grad).to(torch.float64).movedim(s.axis, 0)
+                    idx = torch.as_tensor(s.indices)
+                    per_unit += wg[idx.reshape(-1)].reshape(g.units, -1).sum(1)
+                stats[g.id]["sum"] += per_unit.numpy()
+                stats[g.id]["sumsq"] += (per_unit ** 2).numpy()
+                stats[g.id]["batches"] += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p in params.values():
+            p.requires_grad_(False)
+        model.train(was_training)
+    return stats
+
+
+def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allocation: str = "global",
+             target: str = "channels,heads", calib: str = "default", nsamples: int = 128, seqlen: int = 128,
+             seed: int = 0, compensate: str | None = None, round_to: int = 1, floor: int = 1,
+             batch_size: int = 8, progress: bool = True, tokenizer: Any = None, use_cache: bool = True,
+             criterion_options: dict | None = None) -> CompressResult:
+    """Prune `model` (an alias, a path, a LoadedModel or an HF nn.Module) and return the smaller model.
+
+    Nothing is written here: `save_pruned` writes the result atomically.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if not isinstance(sparsity, (int, float)) or not (0.0 < float(sparsity) < 1.0) or math.isnan(sparsity):
+        raise UserError(f"--sparsity must be a number strictly between 0 and 1, got {sparsity}")
+    if compensate is None:
+        compensate = "bias" if criterion == "flap" else "none"
+    if compensate not in COMPENSATIONS:
+        raise UserError(f"unknown --compensate '{compensate}' (choose from {', '.join(COMPENSATIONS)})")
+    if round_to < 1:
+        raise UserError("--round-to must be a positive integer")
+    scorer = criteria_mod.get(criterion, **(criterion_options or {}))
+    if allocation not in alloc_mod.ALLOCATIONS:
+        raise UserError(f"unknown --allocation '{allocation}' (choose from {', '.join(alloc_mod.ALLOCATIONS)})")
+
+    loaded = None
+    if isinstance(model, (str, Path)):
+        from .models import load_model
+
+        loaded = load_model(model)
+        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    elif hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, torch.nn.Module):
+        loaded = model
+        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    if model is None:
+        raise UserError("compress needs a PyTorch model here (ONNX-native pruning is not available yet)")
+    model.eval()
+    timings["load"] = time.perf_counter() - started
+
+    t = time.perf_counter()
+    groups = analyze(model)
+    chosen = select_groups(groups, target)
+    timings["trace"] = time.perf_counter() - t
+
+    needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
+    if allocation == "cfsp":
+        needs = needs | {"block_angles"}
+    calibration: Calibration | None = None
+    unit_grads: dict = {}
+    calib_note = None
+    if needs:
+        t = time.perf_counter()
+        if tokenizer is None:
+            raise UserError(f"criterion '{criterion}' needs calibration text but the model has no tokenizer")
+        from .data.calibration import load_calibration, needs_bos
+
+        batches = load_calibration(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                   add_bos=needs_bos(model))
+        calib_note = {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        if needs & {"activations", "block_angles"}:
+            modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g)})
+            key = cache_key("stats-v1", _fingerprint(model), calib_note, modules, "block_angles" in needs)
+            calibration = load_cached(key) if use_cache else None
+            if calibration is None:
+                calibration = collect(model, batches, input_modules=modules, block_angles="block_angles" in needs,
+                                      batch_size=batch_size, progress=progress)
+                if use_cache:
+                    save_cached(key, calibration)
+            else:
+                calib_note["cached"] = True
+        if "gradients" in needs:
+            unit_grads = _unit_gradients(model, batches, chosen, max(1, batch_size // 2), progress)
+        timings["calibration"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    params = _all_params(model)
+    ctx = ScoringContext(model, groups, params, calibration, unit_grads)
+    scores: dict[str, np.ndarray] = {}
+    comparable: dict[str, np.ndarray] = {}
+    for g in chosen:
+        try:
+            scores[g.id] = np.asarray(scorer.score(g, ctx), dtype=np.float64)
+        except MissingStatistics as exc:
+            raise PruningError(f"criterion '{criterion}' cannot score {exc}") from exc
+        if not np.all(np.isfinite(scores[g.id])):
+            raise PruningError(f"criterion '{criterion}' gave non-finite scores for {g.scope} ({g.kind})")
+        if allocation == "global":
+            comparable[g.id] = np.asarray(scorer.global_score(g, ctx, scores[g.id]), dtype=np.float64)
+    timings["scoring"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    total_layer_params = _layer_params(model)
+    plan = alloc_mod.allocate(chosen, scores, method=allocation, sparsity=float(sparsity),
+                              total_params=total_layer_params, floor=floor, round_to=round_to,
+                              block_importance=calibration.block_angle if calibration else None,
+                              comparable=comparable or None)
+    result_model, report_extra = rewrite(model, groups, chosen, plan.removed, calibration=calibration,
+                                         compensate=compensate)
+    timings["rewrite"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+
+    before = sum(p.numel() for p in _unique_params(model))
+    after = sum(p.numel() for p in _unique_params(result_model))
+    layer_after = _layer_params(result_model)
+    flops_before = _flops_per_token(groups)
+    flops_removed = sum(len(r) * groups.by_id(g).flops_per_unit for g, r in plan.removed.items())
+    kept = {}
+    for g in chosen:
+        kept.setdefault(g.kind, {})[str(g.layer)] = g.units - len(plan.removed.get(g.id, ()))
+    report = {
+        "graphprune_version": _version(),
+        "model": getattr(loaded, "name", type(model).__name__) if loaded else type(model).__name__,
+        "criterion": criterion, "criterion_options": criterion_options or {}, "allocation": allocation,
+        "target": target, "compensate": compensate, "requested_sparsity": float(sparsity), "seed": seed,
+        "calibration": calib_note,
+        "params": {"before": before, "after": after, "layers_before": total_layer_params, "layers_after": layer_after,
+                   "achieved_sparsity": (total_layer_params - layer_after) / total_layer_params},
+        "flops_per_token": {"before": flops_before, "after": flops_before - flops_removed},
+        "kept_units": kept, "floored_groups": plan.floored, "allocation_notes": plan.notes,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "trace": groups.graph.notes,
+        **report_extra,
+    }
+    return CompressResult(result_model, report, groups, plan.removed)
+
+
+def rewrite(model: torch.nn.Module, groups: GroupSet, chosen: list[Group], removed: dict[str, np.ndarray], *,
+            calibration: Calibration | None = None, compensate: str = "none") -> tuple[torch.nn.Module, dict]:
+    """Apply the passes and return a freshly built, validated model of the pruned shape."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    extra: dict[str, Any] = {}
+    new_biases: list[str] = []
+    if compensate == "bias" and calibration is not None:
+        comp = BiasCompensation().run(state, chosen, removed, calibration)
+        new_biases = comp.new_biases
+        extra["compensated_layers"] = len(comp.bias_delta)
+    sliced = SliceParameters().run(state, chosen, removed, groups.graph.aliases)
+    shapes = {k: tuple(v.shape) for k, v in sliced.state.items()}
+    blocks = find_blocks(model)
+    n_layers = len(blocks[1]) if blocks else 0
+    config_result = ConfigRewrite().run(model.config, type(model), chosen, removed, shapes, new_biases, n_layers)
+    new_model = instantiate(type(model), config_result.config, device="cpu")
+    new_state = new_model.state_dict()
+    for name, tensor in new_state.items():
+        if name not in sliced.state:
+            if name.endswith(".bias"):  # a bias the new config flag added where none was compensated
+                sliced.state[name] = torch.zeros_like(tensor, device="cpu")
+    missing, unexpected = new_model.load_state_dict(sliced.state, strict=False)
+    missing = [m for m in missing if m not in _non_persistent(new_model)]
+    if missing or unexpected:
+        raise PruningError(f"rebuilt model does not match the pruned weights (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    if getattr(new_model.config, "tie_word_embeddings", False):
+        new_model.tie_weights()
+    new_model.eval()
+    Validate().run(new_model)
+    extra["uniform_layers"] = config_result.uniform
+    extra["config_bias_flags"] = config_result.bias_keys
+    return new_model, extra
+
+
+def _non_persistent(model: torch.nn.Module) -> set[str]:
+    persistent = set(model.state_dict())
+    return {n for n, _ in model.named_buffers() if n not in persistent}
+
+
+def _all_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(dict(model.named_buffers()))
+    return out
+
+
+def _unique_params(model: torch.nn.Module):
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def _flops_per_token(groups: GroupSet) -> float:
+    from .graph.groups import _flop_ops
+
+    return sum(total for total, _ in _flop_ops(groups.graph, groups.propagation)) / max(groups.tokens, 1)
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """Cheap identity of the weights: shapes plus a few sampled values of every tensor."""
+    h = []
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 16)][:16].float().tolist() if flat.numel() else []
+        h.append((name, tuple(p.shape), [round(x, 6) for x in sample]))
+    return cache_key(h)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
