@@ -1,3 +1,40 @@
-"""graphprune: a structured pruning compiler for neural networks."""
+"""graphprune: a structured pruning compiler for neural networks.
+
+    import graphprune
+    groups = graphprune.inspect("smollm2-135m")          # dependency groups
+    result = graphprune.compress("smollm2-135m", criterion="flap", sparsity=0.2)
+    graphprune.save_pruned(result.model, "out/", report=result.report)
+    model = graphprune.load_pruned("out/")                # also per-layer (heterogeneous) outputs
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["compress", "inspect", "load_model", "load_pruned", "save_pruned", "__version__"]
+
+
+def inspect(model, example_inputs=None, *, seq_len: int = 8):
+    """Dependency groups of a model (an alias, a path, a LoadedModel or an nn.Module)."""
+    from .graph import analyze
+    from .models import load_model as _load
+
+    if isinstance(model, str) or hasattr(model, "__fspath__"):
+        model = _load(model).model
+    elif hasattr(model, "tokenizer") and hasattr(model, "model"):
+        model = model.model
+    return analyze(model, example_inputs, seq_len=seq_len)
+
+
+def __getattr__(name):  # heavy modules (torch, transformers) load on first use
+    if name == "compress":
+        from .pipeline import compress
+
+        return compress
+    if name in ("load_pruned", "save_pruned"):
+        from . import export
+
+        return getattr(export, name)
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
+    raise AttributeError(name)

@@ -53,22 +53,27 @@ def cmd_inspect(args) -> int:
 
     loaded = _load(args.model, args)
     if loaded.model is None:
-        raise UserError("inspect of ONNX files is not available yet; inspect the PyTorch model")
-    groups = analyze(loaded.model, seq_len=args.seq_len)
+        from .graph.trace_onnx import analyze_onnx
+
+        groups = analyze_onnx(loaded.onnx_model, seq_len=args.seq_len)
+    else:
+        groups = analyze(loaded.model, seq_len=args.seq_len)
     print(groups.to_json() if args.json else render(groups, show_fixed=args.all))
     return 0
 
 
 def cmd_compress(args) -> int:
     from .export import prepare_output, save_pruned
-    from .pipeline import compress
+    from .pipeline import check_options, compress
 
+    check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
+                  compensate=args.compensate, round_to=args.round_to)
     loaded = _load(args.model, args)
     out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
                       target=args.target, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                       seed=args.seed, compensate=args.compensate, round_to=args.round_to,
-                      progress=not args.quiet, use_cache=not args.no_cache)
+                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True)
     source_dir = loaded.path if loaded.path.is_dir() else None
     save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
                 force=args.force)
@@ -80,6 +85,9 @@ def cmd_compress(args) -> int:
           f"{r['flops_per_token']['after']:.3g}")
     layout = "uniform layers: loads with transformers' from_pretrained" if r["uniform_layers"] else \
         "per-layer sizes: load with graphprune.load_pruned(path)"
+    if r["floored_groups"]:
+        print(f"note: {len(r['floored_groups'])} group(s) kept their last unit instead of being removed entirely "
+              f"(floor); the rest of the budget went elsewhere")
     print(f"wrote {out} ({layout}) in {r['timings_s']['total']:.1f}s")
     return 0
 
@@ -111,10 +119,17 @@ def cmd_criteria(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit code 2), not usage + error."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphprune", description="Structured pruning compiler.")
+    parser = _Parser(prog="graphprune", description="Structured pruning compiler.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_args(p):
         p.add_argument("model", help="alias (smollm2-135m, gemma3-270m, minilm-l6), HF directory, .gguf or .onnx")
@@ -162,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars report the stages; library bars and warnings would bury errors."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 
@@ -170,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _quiet_libraries()
     try:
         return args.func(args)
     except UserError as exc:

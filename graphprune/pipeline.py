@@ -50,6 +50,10 @@ def select_groups(groups: GroupSet, target: str) -> list[Group]:
             raise UserError(f"unknown --target '{part}' (choose from {', '.join(TARGETS)})")
         kinds.update(TARGETS[part])
     chosen = [g for g in groups if g.kind in kinds and g.status in (PRUNABLE, OPT_IN)]
+    # Channels inside one expert of a stacked [E, ...] tensor: experts of one tensor must lose the
+    # same number of channels, which the slicer and allocator do not enforce yet; never prune them
+    # silently wrong.
+    chosen = [g for g in chosen if not any(s.expert is not None for s in g.slices)]
     if not chosen:
         blocked = [g for g in groups if g.kind in kinds]
         if blocked:
@@ -96,28 +100,42 @@ def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_siz
     return stats
 
 
-def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allocation: str = "global",
-             target: str = "channels,heads", calib: str = "default", nsamples: int = 128, seqlen: int = 128,
-             seed: int = 0, compensate: str | None = None, round_to: int = 1, floor: int = 1,
-             batch_size: int = 8, progress: bool = True, tokenizer: Any = None, use_cache: bool = True,
-             criterion_options: dict | None = None) -> CompressResult:
-    """Prune `model` (an alias, a path, a LoadedModel or an HF nn.Module) and return the smaller model.
-
-    Nothing is written here: `save_pruned` writes the result atomically.
-    """
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    if not isinstance(sparsity, (int, float)) or not (0.0 < float(sparsity) < 1.0) or math.isnan(sparsity):
+def check_options(*, criterion: str, sparsity: float, allocation: str, target: str, compensate: str | None,
+                  round_to: int = 1) -> str:
+    """Validate the options before any expensive work; returns the effective compensation."""
+    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not (0.0 < float(sparsity) < 1.0):
         raise UserError(f"--sparsity must be a number strictly between 0 and 1, got {sparsity}")
+    criteria_mod.get(criterion)
+    if allocation not in alloc_mod.ALLOCATIONS:
+        raise UserError(f"unknown --allocation '{allocation}' (choose from {', '.join(alloc_mod.ALLOCATIONS)})")
+    for part in [t.strip() for t in target.split(",") if t.strip()] or [""]:
+        if part not in TARGETS:
+            raise UserError(f"unknown --target '{part}' (choose from {', '.join(TARGETS)})")
     if compensate is None:
         compensate = "bias" if criterion == "flap" else "none"
     if compensate not in COMPENSATIONS:
         raise UserError(f"unknown --compensate '{compensate}' (choose from {', '.join(COMPENSATIONS)})")
     if round_to < 1:
         raise UserError("--round-to must be a positive integer")
+    return compensate
+
+
+def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allocation: str = "global",
+             target: str = "channels,heads", calib: str = "default", nsamples: int = 128, seqlen: int = 128,
+             seed: int = 0, compensate: str | None = None, round_to: int = 1, floor: int = 1,
+             batch_size: int = 8, progress: bool = True, tokenizer: Any = None, use_cache: bool = True,
+             criterion_options: dict | None = None, release_input: bool = False) -> CompressResult:
+    """Prune `model` (an alias, a path, a LoadedModel or an HF nn.Module) and return the smaller model.
+
+    Nothing is written here: `save_pruned` writes the result atomically. The input model is left
+    as it was unless `release_input=True`, which lets the pruned parameters of the input be freed
+    during the rewrite (the CLI does this: it keeps peak memory near one model).
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    compensate = check_options(criterion=criterion, sparsity=sparsity, allocation=allocation, target=target,
+                               compensate=compensate, round_to=round_to)
     scorer = criteria_mod.get(criterion, **(criterion_options or {}))
-    if allocation not in alloc_mod.ALLOCATIONS:
-        raise UserError(f"unknown --allocation '{allocation}' (choose from {', '.join(alloc_mod.ALLOCATIONS)})")
 
     loaded = None
     if isinstance(model, (str, Path)):
@@ -186,19 +204,19 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
 
     t = time.perf_counter()
     total_layer_params = _layer_params(model)
+    flops_before = _flops_per_token(groups)
     plan = alloc_mod.allocate(chosen, scores, method=allocation, sparsity=float(sparsity),
                               total_params=total_layer_params, floor=floor, round_to=round_to,
                               block_importance=calibration.block_angle if calibration else None,
                               comparable=comparable or None)
+    before = sum(p.numel() for p in _unique_params(model))
     result_model, report_extra = rewrite(model, groups, chosen, plan.removed, calibration=calibration,
-                                         compensate=compensate)
+                                         compensate=compensate, release_input=release_input)
     timings["rewrite"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
-    before = sum(p.numel() for p in _unique_params(model))
     after = sum(p.numel() for p in _unique_params(result_model))
     layer_after = _layer_params(result_model)
-    flops_before = _flops_per_token(groups)
     flops_removed = sum(len(r) * groups.by_id(g).flops_per_unit for g, r in plan.removed.items())
     kept = {}
     for g in chosen:
@@ -214,6 +232,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
         "flops_per_token": {"before": flops_before, "after": flops_before - flops_removed},
         "kept_units": kept, "floored_groups": plan.floored, "allocation_notes": plan.notes,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
         "trace": groups.graph.notes,
         **report_extra,
     }
@@ -221,16 +240,34 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
 
 
 def rewrite(model: torch.nn.Module, groups: GroupSet, chosen: list[Group], removed: dict[str, np.ndarray], *,
-            calibration: Calibration | None = None, compensate: str = "none") -> tuple[torch.nn.Module, dict]:
-    """Apply the passes and return a freshly built, validated model of the pruned shape."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            calibration: Calibration | None = None, compensate: str = "none",
+            release_input: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Apply the passes and return a freshly built, validated model of the pruned shape.
+
+    Unpruned tensors are shared with the input model, not copied. With `release_input` the input
+    model is consumed: each pruned parameter of it is emptied as soon as its slice exists.
+    """
+    # References, not copies: the passes replace entries with new tensors and never write into the
+    # input's tensors, so only the pruned parameters cost new memory.
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     extra: dict[str, Any] = {}
     new_biases: list[str] = []
     if compensate == "bias" and calibration is not None:
         comp = BiasCompensation().run(state, chosen, removed, calibration)
         new_biases = comp.new_biases
         extra["compensated_layers"] = len(comp.bias_delta)
-    sliced = SliceParameters().run(state, chosen, removed, groups.graph.aliases)
+    release = None
+    if release_input:
+        owners = dict(model.named_parameters(remove_duplicate=False))
+        owners.update(model.named_buffers())
+
+        def release(name: str) -> None:  # the caller gave the input away: free each pruned tensor
+            tensor = owners.get(name)
+            if tensor is not None:
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+    sliced = SliceParameters().run(state, chosen, removed, groups.graph.aliases, release=release)
+    del state
     shapes = {k: tuple(v.shape) for k, v in sliced.state.items()}
     blocks = find_blocks(model)
     n_layers = len(blocks[1]) if blocks else 0
@@ -241,7 +278,9 @@ def rewrite(model: torch.nn.Module, groups: GroupSet, chosen: list[Group], remov
         if name not in sliced.state:
             if name.endswith(".bias"):  # a bias the new config flag added where none was compensated
                 sliced.state[name] = torch.zeros_like(tensor, device="cpu")
-    missing, unexpected = new_model.load_state_dict(sliced.state, strict=False)
+    # assign=True adopts our tensors; the uninitialised ones `instantiate` allocated were never
+    # touched, so building the new model costs almost no resident memory.
+    missing, unexpected = new_model.load_state_dict(sliced.state, strict=False, assign=True)
     missing = [m for m in missing if m not in _non_persistent(new_model)]
     if missing or unexpected:
         raise PruningError(f"rebuilt model does not match the pruned weights (missing {missing[:3]}, "
@@ -284,6 +323,12 @@ def _fingerprint(model: torch.nn.Module) -> str:
         sample = flat[:: max(1, flat.numel() // 16)][:16].float().tolist() if flat.numel() else []
         h.append((name, tuple(p.shape), [round(x, 6) for x in sample]))
     return cache_key(h)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _version() -> str:

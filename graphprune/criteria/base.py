@@ -22,10 +22,10 @@ class ScoringContext:
 
     def weight(self, s: ParamSlice) -> torch.Tensor:
         """The slice's parameter as [units, width, rest...] (unit axis first)."""
-        w = self.params[s.param].detach().to(torch.float64)
-        moved = w.movedim(s.axis, 0)
+        moved = self.params[s.param].detach().movedim(s.axis, 0)  # a view: nothing copied yet
         idx = torch.as_tensor(s.indices, dtype=torch.long)
-        return moved[idx.reshape(-1)].reshape(idx.shape[0], idx.shape[1], *moved.shape[1:])
+        picked = moved[idx.reshape(-1)].to(torch.float64)  # convert only what is scored
+        return picked.reshape(idx.shape[0], idx.shape[1], *moved.shape[1:])
 
     def input_stats(self, s: ParamSlice) -> InputStats | None:
         """Calibration statistics of the input of the layer that reads slice `s` as its input axis."""

@@ -6,10 +6,19 @@ indices listed in ``ParamSlice.indices[u]``. Kinds are read off the structure, n
 
 * ``hidden``   - touches the embedding dimension (the residual stream),
 * ``expert``   - addressed through router choices (top-k / argmax indices),
+* ``expert-group`` - a routed factor with another routed factor nested inside it (group-limited
+  routing: ``[E]`` scores viewed as ``[groups, E / groups]``); its ``expert`` group is its child,
 * ``kv-group`` - a head-like factor with another head-like factor nested inside it (GQA),
 * ``head``     - a major factor of a reshaped axis (attention heads),
 * ``head_dim`` - the minor factor of a reshaped axis,
 * ``channel``  - everything else (FFN channels, conv channels, ...).
+
+Stacked expert weights (``gate_up_proj [E, 2I, H]`` read through ``W[expert_ids]`` and a batched
+matmul) hold the channels of all experts on one axis, but no op mixes channel c of one expert
+with channel c of another: every tensor that carries those channels also carries the routed axis
+(the expert axis of a weight, or the token-slot axis of a gathered one). Such a class becomes one
+group per expert, its slices fixed to that expert (``ParamSlice.expert``). Experts of one stacked
+tensor must keep equal widths, so they are pruned by equal counts.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from .ir import INPUT, PARAM, STATE, Graph
 from .layout import Layout, Prod, Sum
 from .rules import BlockedOp, Propagation, propagate
 
+EXPERT, EXPERT_GROUP = "expert", "expert-group"
+
 PRUNABLE, OPT_IN, FIXED, BLOCKED = "prunable", "opt-in", "fixed", "blocked"
 
 
@@ -38,13 +49,18 @@ class ParamSlice:
     role: str  # how the consuming op reads this axis: linear.in, linear.out, bias, norm, ...
     op: str | None = None  # name of the IR op that reads the parameter
     shape: tuple[int, ...] = ()
+    # Set for a slice inside one expert of a stacked [E, ...] tensor: the indices apply to
+    # `param.select(expert_axis, expert)` only (`axis` still counts the full tensor's axes).
+    expert_axis: int | None = None
+    expert: int | None = None
 
     @property
     def width(self) -> int:
         return int(self.indices.shape[1])
 
     def describe(self) -> str:
-        return f"{self.param}[{self.axis}]" + (f"×{self.width}" if self.width > 1 else "")
+        where = f"[{self.expert_axis}={self.expert}]" if self.expert is not None else ""
+        return f"{self.param}{where}[{self.axis}]" + (f"×{self.width}" if self.width > 1 else "")
 
 
 @dataclass
@@ -77,7 +93,8 @@ class Group:
             "units": self.units, "unit_size": self.unit_size, "status": self.status,
             "reason": self.reason, "params_per_unit": self.params_per_unit,
             "flops_per_unit": self.flops_per_unit, "parent": self.parent, "children": self.children,
-            "members": [{"param": s.param, "axis": s.axis, "width": s.width, "role": s.role}
+            "members": [{"param": s.param, "axis": s.axis, "width": s.width, "role": s.role,
+                         **({"expert_axis": s.expert_axis, "expert": s.expert} if s.expert is not None else {})}
                         for s in self.slices],
         }
 
@@ -313,7 +330,8 @@ def build_groups(graph: Graph, prop: Propagation | None = None) -> GroupSet:
         if i["embedding_dim"]:
             return "hidden"
         if root in routing_roots:
-            return "expert"
+            nested = [r for r in head_like[root] if r in routing_roots]
+            return EXPERT_GROUP if i["has_minor"] and nested else EXPERT
         if i["has_minor"]:
             inner_heads = [r for r in head_like[root] if r in info and info[r]["has_minor"]]
             return "kv-group" if inner_heads else "head"
@@ -322,7 +340,7 @@ def build_groups(graph: Graph, prop: Propagation | None = None) -> GroupSet:
         return "channel"
 
     order = sorted(members, key=lambda r: min(_param_order(graph, t) for t, _, _ in members[r]))
-    ids = {root: f"g{n}" for n, root in enumerate(order)}
+    fibers = _per_expert_classes(graph, prop, members, routing_roots, pinned)
     for root in order:
         occurrences = members[root]
         kind = kind_of(root)
@@ -331,35 +349,103 @@ def build_groups(graph: Graph, prop: Propagation | None = None) -> GroupSet:
             status = BLOCKED if reason.startswith("blocked by") else FIXED
         else:
             status = OPT_IN if kind in ("hidden", "head_dim") else PRUNABLE
-        slices: list[ParamSlice] = []
-        params_per_unit = 0
         units = atoms.size(root)
-        for tname, axis, resolved in occurrences:
-            tensor = graph.tensors[tname]
-            role, op_name = roles.get((tname, axis), ("unused", None))
-            if status in (PRUNABLE, OPT_IN):
-                idx = indices_of(tname, axis, resolved)[root]
-            else:
-                idx = np.zeros((units, 0), dtype=np.int64)
-            slices.append(ParamSlice(tensor.source_name or tname, axis, idx, role, op_name, tensor.shape))
-            width = idx.shape[1] if idx.size else tensor.shape[axis] // units
-            other = int(np.prod([s for k, s in enumerate(tensor.shape) if k != axis]))
-            params_per_unit += width * other
-        scope = _scope([s.param for s in slices])
-        groups.append(Group(
-            id=ids[root], kind=kind, units=units, unit_size=info[root]["block"], slices=slices,
-            scope=scope, layer=_layer_of(scope), status=status, reason=reason,
-            params_per_unit=params_per_unit, flops_per_unit=flops.get(root, 0.0) / max(tokens, 1), root=root))
+        fiber = fibers.get(root)
+        for expert in range(fiber.experts) if fiber else [None]:
+            slices: list[ParamSlice] = []
+            params_per_unit = 0
+            for tname, axis, resolved in occurrences:
+                tensor = graph.tensors[tname]
+                role, op_name = roles.get((tname, axis), ("unused", None))
+                if status in (PRUNABLE, OPT_IN):
+                    idx = indices_of(tname, axis, resolved)[root]
+                else:
+                    idx = np.zeros((units, 0), dtype=np.int64)
+                expert_axis = fiber.expert_axis[tname] if fiber else None
+                slices.append(ParamSlice(tensor.source_name or tname, axis, idx, role, op_name, tensor.shape,
+                                         expert_axis, expert))
+                width = idx.shape[1] if idx.size else tensor.shape[axis] // units
+                other = int(np.prod([s for k, s in enumerate(tensor.shape) if k not in (axis, expert_axis)]))
+                params_per_unit += width * other
+            scope = _scope([s.param for s in slices])
+            # FLOPs of a per-expert unit: the class's FLOPs shared evenly by the experts (uniform routing)
+            share = fiber.experts if fiber else 1
+            groups.append(Group(
+                id=f"g{len(groups)}", kind=kind, units=units, unit_size=info[root]["block"], slices=slices,
+                scope=scope, layer=_layer_of(scope), status=status, reason=reason,
+                params_per_unit=params_per_unit, flops_per_unit=flops.get(root, 0.0) / max(tokens, 1) / share,
+                root=root))
 
     by_root = {g.root: g for g in groups}
+    nested_kinds = {"kv-group": "head", EXPERT_GROUP: EXPERT}
     for g in groups:
-        if g.kind == "kv-group":
+        if g.kind in nested_kinds:
             for r in head_like[g.root]:
                 child = by_root.get(r)
-                if child is not None and child.kind == "head" and child.id not in g.children:
+                if child is not None and child.kind == nested_kinds[g.kind] and child.id not in g.children:
                     g.children.append(child.id)
                     child.parent = g.id
     return GroupSet(graph, groups, prop.blocked, tokens, prop)
+
+
+@dataclass
+class _Fiber:
+    experts: int  # size of the routed expert axis
+    expert_axis: dict[str, int]  # parameter tensor -> its expert axis
+
+
+def _per_expert_classes(graph: Graph, prop: Propagation, members: dict, routing_roots: set[int],
+                        pinned: set[int]) -> dict[int, _Fiber]:
+    """Classes that live inside stacked expert weights and never cross experts.
+
+    A weight W [E, ...] whose expert axis is picked by router choices (``W[ids]``, see
+    `IndexedGather`) gives a tensor whose slot axes (one row per token and choice) each belong to
+    one expert. A class on W's other axes is per expert when every tensor that carries it also
+    carries the routing: parameters on an axis that is exactly the expert axis, activations on the
+    expert axis or on all slot axes of that gather. Anything that reduces over the slots, or
+    broadcasts a tensor without them against the class, breaks that and keeps one shared group.
+    """
+    atoms = prop.atoms
+
+    def big_leaves(layout: Layout) -> frozenset[int]:
+        return frozenset(leaf for leaf in atoms.leaves(layout) if atoms.size(leaf) > 1)
+
+    axis_leaves = {t: [big_leaves(layout) for layout in layouts] for t, layouts in prop.layouts.items()}
+    routings_of: dict[str, set[tuple]] = {}  # gathered source tensor -> (expert leaves, slot leaves, index)
+    for g in prop.gathers:
+        experts = big_leaves(g.value_layout)
+        if not experts or not experts <= routing_roots or axis_leaves[g.source][g.axis] != experts:
+            continue
+        slots = frozenset().union(*(axis_leaves[g.output][a] for a in g.slot_axes))
+        if slots and not slots & experts:
+            routings_of.setdefault(g.source, set()).add((experts, slots, g.index))
+
+    fibers: dict[int, _Fiber] = {}
+    for root, occurrences in members.items():
+        if root in pinned or root in routing_roots:
+            continue
+        routings = set().union(*(routings_of.get(t, set()) for t, _, _ in occurrences))
+        if len(routings) != 1:
+            continue
+        experts, slots, _ = next(iter(routings))
+        if root in slots:
+            continue
+        expert_axis: dict[str, int] = {}
+        for t, leaves in axis_leaves.items():
+            if not any(root in axis for axis in leaves):
+                continue
+            on_expert_axis = [k for k, axis in enumerate(leaves) if axis == experts]
+            if graph.tensors[t].kind in (PARAM, STATE):
+                if len(on_expert_axis) != 1:
+                    break
+                expert_axis[t] = on_expert_axis[0]
+            elif not (experts <= frozenset().union(*leaves) or slots <= frozenset().union(*leaves)):
+                break
+        else:
+            if all(t in expert_axis for t, _, _ in occurrences):
+                t, a = next(iter(expert_axis.items()))
+                fibers[root] = _Fiber(graph.tensors[t].shape[a], expert_axis)
+    return fibers
 
 
 def _param_order(graph: Graph, tname: str) -> int:

@@ -25,11 +25,18 @@ def describe_group(group, groups: GroupSet) -> list[str]:
     elif group.kind == "head":
         unit += f" (head_dim {group.unit_size})" + (f", per kv-group of {group.parent}" if group.parent else "")
     elif group.kind == "expert":
-        unit += " (experts)"
+        unit += " (experts" + (f", per expert-group of {group.parent})" if group.parent else ")")
+    elif group.kind == "expert-group":
+        children = [groups.by_id(c) for c in group.children]
+        unit += f" (each {children[0].units if children else '?'} experts)"
+    experts = {s.expert for s in group.slices if s.expert is not None}
+    if len(experts) == 1:
+        unit += f" inside expert {experts.pop()}"
     head = (f"[{group.id}] {group.kind:<8} {group.scope or '<model>'}  {unit}  "
             f"params/unit {_num(group.params_per_unit)}  FLOPs/unit/token {_num(group.flops_per_unit)}  {group.status}")
     members = ", ".join(
-        f"{_member(s.param, group.scope)}[{s.axis}]" + (f"×{s.width}" if s.width > 1 else "") for s in group.slices)
+        _member(s.param, group.scope) + (f"[{s.expert_axis}={s.expert}]" if s.expert is not None else "")
+        + f"[{s.axis}]" + (f"×{s.width}" if s.width > 1 else "") for s in group.slices)
     lines = [head, f"      {members}"]
     if group.reason:
         lines.append(f"      why: {group.reason}")
@@ -45,13 +52,13 @@ def render(groups: GroupSet, *, show_fixed: bool = False) -> str:
             continue
         lines += describe_group(g, groups)
     statuses = ("prunable", "opt-in", FIXED, BLOCKED)
-    lines += ["", f"{'kind':<10}" + "".join(f"{s:>10}" for s in statuses) + f"{'units':>10}{'prunable params':>18}"]
+    lines += ["", f"{'kind':<13}" + "".join(f"{s:>10}" for s in statuses) + f"{'units':>10}{'prunable params':>18}"]
     for kind in sorted({g.kind for g in groups}):
         members = [g for g in groups if g.kind == kind]
         per_status = "".join(f"{sum(1 for g in members if g.status == s):>10}" for s in statuses)
         units = sum(g.units for g in members if g.status in ("prunable", "opt-in"))
         params = sum(g.units * g.params_per_unit for g in members if g.status in ("prunable", "opt-in"))
-        lines.append(f"{kind:<10}{per_status}{units:>10}{params:>18,}")
+        lines.append(f"{kind:<13}{per_status}{units:>10}{params:>18,}")
     counts = {s: sum(1 for g in groups if g.status == s) for s in ("prunable", "opt-in", FIXED, BLOCKED)}
     lines.append("")
     lines.append("groups: " + ", ".join(f"{n} {s}" for s, n in counts.items())

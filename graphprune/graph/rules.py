@@ -29,6 +29,21 @@ class BlockedOp:
     why: str
 
 
+@dataclass
+class IndexedGather:
+    """`output` holds rows of `source` picked along `axis` by the values of `index` (whose values
+    index `value_layout`): position j of the output's `slot_axes` is row index[j] of the source.
+    With router choices as the index these are per-token expert weights (MoE batched_mm)."""
+
+    op: str
+    source: str
+    axis: int
+    index: str
+    output: str
+    slot_axes: list[int]
+    value_layout: Layout
+
+
 class Propagation:
     """Axis layouts of every tensor, built by running the rules over the graph in order."""
 
@@ -38,6 +53,7 @@ class Propagation:
         self.layouts: dict[str, list[Layout]] = {}
         self.values: dict[str, Layout] = {}  # index tensor -> layout of the axis its values index
         self.routing_axes: list[tuple[Op, Layout]] = []  # (topk op, axis it selects from)
+        self.gathers: list[IndexedGather] = []  # rows picked by index values (see IndexedGather)
         self.blocked: list[BlockedOp] = []
         self.conflicts: list[str] = []
         self.op: Op | None = None
@@ -348,21 +364,51 @@ def rule_slice(p: Propagation, op: Op) -> None:
         p.pin(lx[axis], why)
         p.pin(ly[axis], why)
         return
-    if start == 0 and end >= n:
-        p.couple(lx[axis], ly[axis])
-    else:
-        # The input axis is (before | taken | after): the output is the middle part.
-        a = p.atoms
-        end = max(end, start)
-        parts = []
-        if start > 0:
-            parts.append(a.new(start))
-        if end > start:
-            parts.append(ly[axis])
-        if n > end:
-            parts.append(a.new(n - end))
-        p.couple(lx[axis], a.sum(parts))
+    _couple_window(p, lx[axis], ly[axis], n, start, end)
     p.pass_values(x, y)
+
+
+def _couple_window(p: Propagation, whole: Layout, part: Layout, n: int, start: int, end: int) -> None:
+    """`part` is indices [start, end) of the n-wide axis `whole`: whole = (before | part | after)."""
+    if start == 0 and end >= n:
+        p.couple(whole, part)
+        return
+    a = p.atoms
+    end = max(end, start)
+    parts = []
+    if start > 0:
+        parts.append(a.new(start))
+    if end > start:
+        parts.append(part)
+    if n > end:
+        parts.append(a.new(n - end))
+    p.couple(whole, a.sum(parts))
+
+
+def rule_slice_scatter(p: Propagation, op: Op) -> None:
+    """y = x with y[..., start:end:step, ...] = src: y is x's axes, src fills a window of one."""
+    x, src, y = op.inputs[0], op.inputs[1], _out(op)
+    axis, start, end, step = (op.attrs[k] for k in ("axis", "start", "end", "step"))
+    p.identity(x, y)
+    p.identity(src, y, skip={axis})
+    ly, ls = p.L(y), p.L(src)
+    if step != 1:
+        why = f"strided slice_scatter at {p.here()}"
+        p.pin(ly[axis], why)
+        p.pin(ls[axis], why)
+        return
+    _couple_window(p, ly[axis], ls[axis], p.shape(y)[axis], start, end)
+
+
+def rule_select_scatter(p: Propagation, op: Op) -> None:
+    """y = x with y.select(axis, i) = src: src has every axis of y but `axis`, which is pinned."""
+    x, src, y = op.inputs[0], op.inputs[1], _out(op)
+    axis = op.attrs["axis"]
+    p.identity(x, y)
+    ly, ls = p.L(y), p.L(src)
+    p.pin(ly[axis], f"select_scatter of a fixed index at {p.here()}")
+    for j, k in enumerate(k for k in range(len(ly)) if k != axis):
+        p.couple(ls[j], ly[k])
 
 
 def rule_split(p: Propagation, op: Op) -> None:
@@ -431,14 +477,18 @@ def rule_index(p: Propagation, op: Op) -> None:
     index_ndim = max(len(p.shape(t)) for t in idx if t is not None) if idx else 0
     adjacent = positions == list(range(positions[0], positions[0] + len(positions))) if positions else True
     start = positions[0] if adjacent and positions else 0
-    for t in idx:
+    for pos, t in zip(positions, idx):
         if t is None:
             continue
         lt = p.L(t)
+        slots = []
         for k in range(1, len(lt) + 1):
             out_axis = start + index_ndim - k
             if p.shape(t)[-k] == p.shape(y)[out_axis]:
                 p.couple(lt[-k], ly[out_axis])
+                slots.append(out_axis)
+        if t in p.values and len(idx) == 1:
+            p.gathers.append(IndexedGather(op.name, x, pos, t, y, sorted(slots), p.values[t]))
     rest = [k for k in range(len(lx)) if k not in positions]
     out_rest = [k for k in range(len(ly)) if not (start <= k < start + index_ndim)]
     for k, j in zip(rest, out_rest):
@@ -466,6 +516,8 @@ def rule_index_select(p: Propagation, op: Op) -> None:
     p.identity(x, y, skip={axis})
     p.indexed_by(p.L(x)[axis], idx, "axis selected")
     p.couple(p.L(idx)[0], p.L(y)[axis])
+    if idx in p.values:
+        p.gathers.append(IndexedGather(op.name, x, axis, idx, y, [axis], p.values[idx]))
     p.pass_values(x, y)
 
 
@@ -682,6 +734,8 @@ RULES: dict[str, Callable[[Propagation, Op], None]] = {
     "layer_norm": rule_layer_norm,
     "reduce": rule_reduce,
     "slice": rule_slice,
+    "slice_scatter": rule_slice_scatter,
+    "select_scatter": rule_select_scatter,
     "split": rule_split,
     "unbind": rule_unbind,
     "cat": rule_cat,

@@ -154,19 +154,38 @@ def _softmax(args, kwargs, shape_of) -> Translation:
     return "elementwise", [args[0]], {}
 
 
-def _slice(args, kwargs, shape_of) -> Translation:
-    shape = shape_of(args[0])
-    nd = len(shape)
-    dim = _dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), nd)
-    start = args[2] if len(args) > 2 else kwargs.get("start")
-    end = args[3] if len(args) > 3 else kwargs.get("end")
-    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+def _slice_window(shape, dim, start, end, step) -> dict:
+    dim = _dim(dim, len(shape))
     n = shape[dim]
     start = 0 if start is None else int(start)
     end = n if end is None else int(end)
     start = max(0, start + n if start < 0 else min(start, n))
     end = max(0, end + n if end < 0 else min(end, n))
-    return "slice", [args[0]], {"axis": dim, "start": start, "end": end, "step": int(step)}
+    return {"axis": dim, "start": start, "end": end, "step": int(step)}
+
+
+def _slice(args, kwargs, shape_of) -> Translation:
+    # slice(self, dim=0, start=None, end=None, step=1)
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    start = args[2] if len(args) > 2 else kwargs.get("start")
+    end = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    return "slice", [args[0]], _slice_window(shape_of(args[0]), dim, start, end, step)
+
+
+def _slice_scatter(args, kwargs, shape_of) -> Translation:
+    # slice_scatter(self, src, dim=0, start=None, end=None, step=1): the functional form of
+    # `x[..., start:end] = src` (what functionalisation makes of copy_ into a slice view)
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    start = args[3] if len(args) > 3 else kwargs.get("start")
+    end = args[4] if len(args) > 4 else kwargs.get("end")
+    step = args[5] if len(args) > 5 else kwargs.get("step", 1)
+    return "slice_scatter", [args[0], args[1]], _slice_window(shape_of(args[0]), dim, start, end, step)
+
+
+def _select_scatter(args, kwargs, shape_of) -> Translation:
+    # select_scatter(self, src, dim, index): `x.select(dim, index) = src`
+    return "select_scatter", [args[0], args[1]], {"axis": _dim(args[2], len(shape_of(args[0])))}
 
 
 def _split(args, kwargs, shape_of) -> Translation:
@@ -397,6 +416,7 @@ ATEN_TRANSLATIONS.update({
     "var": _var, "std": _var, "var_mean": _var,
     "slice": _slice, "split": _split, "split_with_sizes": _split, "chunk": _chunk,
     "unbind": _unbind, "cat": _cat, "concat": _cat, "stack": _stack,
+    "slice_scatter": _slice_scatter, "select_scatter": _select_scatter,
     "select": _select, "index": _index, "gather": _gather, "index_select": _index_select,
     "embedding": _embedding, "topk": _topk, "sort": _sort, "argsort": _sort,
     "argmax": _argreduce, "argmin": _argreduce, "max": _max_dim, "min": _max_dim,
@@ -586,6 +606,10 @@ def trace(model: torch.nn.Module, example_inputs: dict[str, Any] | tuple | None 
     try:
         with torch.no_grad():
             exported = torch.export.export(model, args, kwargs, strict=False)
+            if _has_mutations(exported.graph_module):
+                # In-place ops (copy_, index_put_, ...) hide data flow from the rules; functionalise
+                # only when needed, since it costs about one more export.
+                exported = exported.run_decompositions({})
         graph = _from_exported(model, exported)
         graph.notes.append(f"traced with torch.export in {time.perf_counter() - started:.1f}s")
         return graph
@@ -599,6 +623,17 @@ def trace(model: torch.nn.Module, example_inputs: dict[str, Any] | tuple | None 
     graph.notes.append(f"torch.export failed ({export_error[:200]}); traced with FX make_fx "
                        f"in {time.perf_counter() - started:.1f}s")
     return graph
+
+
+def _has_mutations(gm: torch.fx.GraphModule) -> bool:
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            schema = getattr(node.target, "_schema", None)
+            if node.op == "call_function" and schema is not None and schema.is_mutable:
+                return True
+    return False
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, list[str]]:

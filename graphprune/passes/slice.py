@@ -24,7 +24,9 @@ class SliceParameters:
     """
 
     def run(self, state: dict[str, torch.Tensor], groups: list[Group], removed: dict[str, np.ndarray],
-            aliases: dict[str, list[str]] | None = None) -> SliceResult:
+            aliases: dict[str, list[str]] | None = None, release=None) -> SliceResult:
+        """`release(name)`, when given, is called once a parameter's original tensor is no longer
+        needed, so the caller can free it: peak memory stays near one model instead of two."""
         drop: dict[tuple[str, int], set[int]] = {}
         for g in groups:
             units = removed.get(g.id)
@@ -43,6 +45,10 @@ class SliceParameters:
             sliced = tensor.index_select(axis, torch.as_tensor(keep)).contiguous()
             for name in names:
                 out[name] = sliced
+                if release is not None:
+                    state[name] = sliced
+                    release(name)
+            del tensor
         # a parameter cut along two axes: index_select above used the updated tensor, which is
         # right because each (param, axis) pair is cut exactly once
         return SliceResult(out, kept)

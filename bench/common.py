@@ -1,0 +1,54 @@
+"""Shared pieces of the benchmarks: the protocol of ../shared/BENCHMARKS.md, data location, and a
+child-process runner that reports wall time and peak RSS of one configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("GRAPHPRUNE_BENCH_DATA", ROOT.parent / "shared" / "data"))
+PROTOCOL = {"calib_nsamples": 128, "calib_seqlen": 128, "seed": 0, "eval_seqlen": 512, "eval_windows": 32}
+DENSE_PPL_REFERENCE = 18.95
+
+
+def data_file(name: str) -> Path:
+    path = DATA / name
+    if not path.exists():
+        sys.exit(f"bench: {path} not found. The benchmarks read ../shared/data (WikiText-style text); "
+                 f"set GRAPHPRUNE_BENCH_DATA to the folder holding {name}.")
+    return path
+
+
+def run_child(module: str, spec: dict, timeout: int = 1800) -> dict:
+    """Run `python -m module '<json spec>'` and return the JSON line it prints last."""
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300], **spec}
+    return json.loads(lines[-1])
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    out = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(k)) for _, k in columns) + " |")
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:.3g}"
+    return str(v)

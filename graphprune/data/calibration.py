@@ -1,0 +1,185 @@
+"""Calibration data: text from the embedded excerpt, a file or a Hugging Face dataset, cut into windows.
+
+Protocol: the whole text is tokenized once without special tokens, then `nsamples` windows start
+at offsets drawn uniformly from [0, tokens - window] by `random.Random(seed)`. The same seed,
+text and tokenizer always give the same windows.
+"""
+
+from __future__ import annotations
+
+import random
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphprune.errors import CalibrationError
+
+DEFAULT_SOURCE = "default"
+HF_DATASET_PREFIX = "hf:"
+_EXCERPT_RESOURCE = "wiki_excerpt.txt"
+# Stop reading a streamed dataset after this much text: enough for any calibration set, and it
+# keeps a multi-terabyte dataset (C4, ...) from being downloaded whole.
+_HF_TEXT_LIMIT_CHARS = 5_000_000
+
+
+def default_calibration_text() -> str:
+    """The embedded Wikipedia excerpt (see ATTRIBUTION.md next to it): about 56k SmolLM2 tokens."""
+    return resources.files(__package__).joinpath(_EXCERPT_RESOURCE).read_text(encoding="utf-8")
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file, raising CalibrationError if it is missing, empty or not text."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CalibrationError(f"calibration file {path} does not exist")
+    if path.is_dir():
+        raise CalibrationError(f"calibration file {path} is a directory, not a text file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CalibrationError(f"calibration file {path} cannot be read: {error.strerror or error}") from error
+    if not data.strip():
+        raise CalibrationError(f"calibration file {path} is empty")
+    # UTF-16 text and binary files decode as garbage or fail late; a NUL byte never occurs in UTF-8 text.
+    if b"\x00" in data:
+        raise CalibrationError(f"calibration file {path} looks binary (it contains NUL bytes); expected UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise CalibrationError(
+            f"calibration file {path} is not UTF-8 text (invalid byte at offset {error.start})"
+        ) from error
+
+
+def read_calibration_text(source: str | Path) -> str:
+    """The text `source` names: "default" (the embedded excerpt), "hf:NAME[:CONFIG[:SPLIT]]" or a path.
+
+    A file literally named "default" can be given as "./default".
+    """
+    if isinstance(source, str):
+        if source == DEFAULT_SOURCE:
+            return default_calibration_text()
+        if source == "none":
+            raise CalibrationError(
+                "--calib none is not supported yet; use 'default', a UTF-8 text file or hf:NAME[:CONFIG[:SPLIT]]"
+            )
+        if source.startswith(HF_DATASET_PREFIX):
+            return _read_hf_dataset_text(source)
+    return read_text_file(source)
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of the whole `text` without special tokens, as a 1-D int64 tensor."""
+    # verbose=False: long texts are meant to exceed model_max_length; the windows respect it.
+    encoded = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return torch.tensor(encoded["input_ids"], dtype=torch.long)
+
+
+def needs_bos(model: Any) -> bool:
+    """Whether windows fed to `model` should start with BOS: Gemma models degrade badly without it."""
+    config = getattr(model, "config", model)
+    return str(getattr(config, "model_type", "")).startswith("gemma")
+
+
+def bos_token_id(tokenizer: Any) -> int:
+    """The tokenizer's BOS id; CalibrationError when it has none."""
+    token_id = getattr(tokenizer, "bos_token_id", None)
+    if token_id is None:
+        raise CalibrationError("windows should start with BOS but the tokenizer defines no BOS token")
+    return int(token_id)
+
+
+def load_calibration(
+    source: str | Path,
+    tokenizer: Any,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 128,
+    seed: int = 0,
+    add_bos: bool = False,
+) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` token ids from `source`, as a LongTensor [nsamples, seqlen].
+
+    `source` is "default", a text file path or "hf:NAME[:CONFIG[:SPLIT]]". With `add_bos` each
+    window is BOS followed by seqlen - 1 text tokens. Windows may overlap (offsets are independent
+    draws). Raises CalibrationError when the text is unusable or shorter than one window.
+    """
+    _require_positive(nsamples=nsamples, seqlen=seqlen)
+    if add_bos and seqlen < 2:
+        raise CalibrationError("seqlen must be at least 2 when windows start with BOS")
+    text = read_calibration_text(source)
+    token_ids = tokenize_text(tokenizer, text)
+    text_tokens_per_window = seqlen - 1 if add_bos else seqlen
+    if token_ids.numel() < text_tokens_per_window:
+        raise CalibrationError(
+            f"calibration text {_describe(source)} has {token_ids.numel()} tokens; "
+            f"at least {text_tokens_per_window} are needed for windows of {seqlen} tokens"
+        )
+    rng = random.Random(seed)
+    last_offset = token_ids.numel() - text_tokens_per_window
+    offsets = [rng.randint(0, last_offset) for _ in range(nsamples)]
+    windows = torch.stack([token_ids[offset : offset + text_tokens_per_window] for offset in offsets])
+    if add_bos:
+        bos_column = torch.full((nsamples, 1), bos_token_id(tokenizer), dtype=torch.long)
+        windows = torch.cat([bos_column, windows], dim=1)
+    return windows
+
+
+def _require_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CalibrationError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _describe(source: str | Path) -> str:
+    return "(embedded default excerpt)" if source == DEFAULT_SOURCE else str(source)
+
+
+def _read_hf_dataset_text(spec: str) -> str:
+    """Text of a Hugging Face dataset, "hf:NAME[:CONFIG[:SPLIT]]" (split defaults to train).
+
+    Rows are streamed and their text column joined by blank lines, up to about 5 M characters.
+    """
+    fields = spec[len(HF_DATASET_PREFIX) :].split(":")
+    if not fields[0] or len(fields) > 3:
+        raise CalibrationError(f"bad dataset spec '{spec}'; expected hf:NAME[:CONFIG[:SPLIT]]")
+    name = fields[0]
+    config = fields[1] if len(fields) > 1 and fields[1] else None
+    split = fields[2] if len(fields) > 2 and fields[2] else "train"
+    try:
+        import datasets
+    except ImportError as error:
+        raise CalibrationError(
+            f"--calib {spec} needs the 'datasets' library, which is not installed (pip install datasets)"
+        ) from error
+
+    pieces: list[str] = []
+    collected_chars = 0
+    try:
+        for row in datasets.load_dataset(name, config, split=split, streaming=True):
+            text = _row_text(row, spec)
+            if text.strip():
+                pieces.append(text)
+                collected_chars += len(text)
+                if collected_chars >= _HF_TEXT_LIMIT_CHARS:
+                    break
+    except CalibrationError:
+        raise
+    except Exception as error:  # hub unreachable, unknown dataset/config/split, ...
+        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise CalibrationError(f"cannot load dataset {spec}: {first_line.strip()}") from error
+    if not pieces:
+        raise CalibrationError(f"dataset {spec} has no text")
+    return "\n\n".join(pieces)
+
+
+def _row_text(row: dict[str, Any], spec: str) -> str:
+    """The "text" column of a dataset row, else its first string column."""
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    for value in row.values():
+        if isinstance(value, str):
+            return value
+    raise CalibrationError(f"dataset {spec} has no text column (columns: {', '.join(row)})")
