@@ -97,6 +97,13 @@ class Propagation:
             if k not in skip and self.shape(a)[k] == self.shape(b)[k]:
                 self.couple(la, lb)
 
+    def identity_without(self, full: str, reduced: str, axis: int) -> None:
+        """`reduced` is `full` with `axis` removed: couple the remaining axes in order."""
+        lf, lr = self.L(full), self.L(reduced)
+        rest = [k for k in range(len(lf)) if k != axis]
+        for j, k in enumerate(rest):
+            self.couple(lf[k], lr[j])
+
     def broadcast(self, inp: str, out: str) -> None:
         """Right-aligned broadcasting: equal sizes are the same axis, size-1 axes are not coupled."""
         si, so = self.shape(inp), self.shape(out)
@@ -424,13 +431,9 @@ def rule_split(p: Propagation, op: Op) -> None:
 def rule_unbind(p: Propagation, op: Op) -> None:
     x = op.inputs[0]
     axis = op.attrs["axis"]
-    lx = p.L(x)
-    p.pin(lx[axis], f"unbind at {p.here()}")
+    p.pin(p.L(x)[axis], f"unbind at {p.here()}")
     for y in op.outputs:
-        ly = p.L(y)
-        others = [k for k in range(len(lx)) if k != axis]
-        for j, k in enumerate(others):
-            p.couple(lx[k], ly[j])
+        p.identity_without(x, y, axis)
 
 
 def rule_cat(p: Propagation, op: Op) -> None:
@@ -445,23 +448,16 @@ def rule_cat(p: Propagation, op: Op) -> None:
 def rule_stack(p: Propagation, op: Op) -> None:
     y = _out(op)
     axis = op.attrs["axis"]
-    ly = p.L(y)
-    p.pin(ly[axis], f"stack axis at {p.here()}")
+    p.pin(p.L(y)[axis], f"stack axis at {p.here()}")
     for t in op.inputs:
-        lt = p.L(t)
-        rest = [k for k in range(len(ly)) if k != axis]
-        for j, k in enumerate(rest):
-            p.couple(lt[j], ly[k])
+        p.identity_without(y, t, axis)
 
 
 def rule_select(p: Propagation, op: Op) -> None:
     x, y = op.inputs[0], _out(op)
     axis = op.attrs["axis"]
-    lx, ly = p.L(x), p.L(y)
-    p.pin(lx[axis], f"select of a fixed index at {p.here()}")
-    rest = [k for k in range(len(lx)) if k != axis]
-    for j, k in enumerate(rest):
-        p.couple(lx[k], ly[j])
+    p.pin(p.L(x)[axis], f"select of a fixed index at {p.here()}")
+    p.identity_without(x, y, axis)
     p.pass_values(x, y)
 
 

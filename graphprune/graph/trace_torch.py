@@ -666,10 +666,21 @@ def _from_exported(model: torch.nn.Module, exported: "torch.export.ExportedProgr
             kind, source = INPUT, node.name
         else:
             kind, source = DERIVED, node.name
-        tname = builder.add_value_tensors(node, "", kind)
-        if isinstance(tname, str):
-            graph.tensors[tname].source_name = source
-        bindings[node.name] = tname
+        _bind_placeholder(graph, builder, bindings, node, kind, source)
+    return _finish(graph, builder, gm, bindings, model)
+
+
+def _bind_placeholder(graph: Graph, builder: _Builder, bindings: dict, node: torch.fx.Node, kind: str,
+                      source: str) -> None:
+    tname = builder.add_value_tensors(node, "", kind)
+    if isinstance(tname, str):
+        graph.tensors[tname].source_name = source
+    bindings[node.name] = tname
+
+
+def _finish(graph: Graph, builder: _Builder, gm: torch.fx.GraphModule, bindings: dict,
+            model: torch.nn.Module) -> Graph:
+    """Translate the ops with the placeholders bound, then mark outputs and tied weights."""
     out = builder.run(gm, "", bindings)
     _mark_outputs(graph, builder, out)
     graph.aliases = _tied_aliases(model)
@@ -730,11 +741,5 @@ def _trace_make_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
             kind = STATE if source in persistent else DERIVED
         else:
             kind, source = INPUT, (kw_names[i - len(names) - len(args)] if i - len(names) >= len(args) else f"arg{i}")
-        tname = builder.add_value_tensors(node, "", kind)
-        if isinstance(tname, str):
-            graph.tensors[tname].source_name = source
-        bindings[node.name] = tname
-    out = builder.run(gm, "", bindings)
-    _mark_outputs(graph, builder, out)
-    graph.aliases = _tied_aliases(model)
-    return graph
+        _bind_placeholder(graph, builder, bindings, node, kind, source)
+    return _finish(graph, builder, gm, bindings, model)
