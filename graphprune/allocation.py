@@ -48,6 +48,20 @@ def _standardise(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / (std if std > 0 else 1.0)
 
 
+def _standardise_per_kind(groups: list[Group], scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """z-score each kind's units over all layers together: raw scores of one kind are comparable
+    across layers (same formula, same scale), different kinds are put on one scale."""
+    out: dict[str, np.ndarray] = {}
+    for kind in sorted({g.kind for g in groups}):
+        members = [g for g in groups if g.kind == kind]
+        flat = _standardise(np.concatenate([np.asarray(scores[g.id], dtype=np.float64) for g in members]))
+        offset = 0
+        for g in members:
+            out[g.id] = flat[offset:offset + g.units]
+            offset += g.units
+    return out
+
+
 def allocate(groups: list[Group], scores: dict[str, np.ndarray], *, method: str, sparsity: float,
              total_params: int, floor: int = 1, round_to: int = 1,
              block_importance: dict[int, float] | None = None,
@@ -66,7 +80,7 @@ def allocate(groups: list[Group], scores: dict[str, np.ndarray], *, method: str,
                            f"widen --target")
     if method == "global":
         if comparable is None:
-            comparable = {gid: _standardise(v) for gid, v in scores.items()}
+            comparable = _standardise_per_kind(groups, scores)
         return _global(groups, scores, comparable, target, floor, round_to)
     if method == "cfsp":
         if not block_importance:
@@ -85,7 +99,9 @@ def _uniform(groups, scores, target, floor, round_to, by_id) -> Allocation:
     fine = [g for g in groups if g.units >= 64]
     removed = 0.0
     for g in coarse:
-        n = _keep_rounded(g.units, int(round(fraction * g.units)), floor, round_to if g.kind == "channel" else 1)
+        # Rounded down, as FLAP's uniform baselines do (int(ratio * heads)): a third of the attention
+        # for 20% is far too much; the channels absorb the difference.
+        n = _keep_rounded(g.units, int(fraction * g.units + 1e-9), floor, round_to if g.kind == "channel" else 1)
         alloc.removed[g.id] = _lowest(scores[g.id], n)
         removed += n * g.params_per_unit
     if fine:

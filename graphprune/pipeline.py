@@ -199,7 +199,9 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
         if not np.all(np.isfinite(scores[g.id])):
             raise PruningError(f"criterion '{criterion}' gave non-finite scores for {g.scope} ({g.kind})")
         if allocation == "global":
-            comparable[g.id] = np.asarray(scorer.global_score(g, ctx, scores[g.id]), dtype=np.float64)
+            ranked = scorer.global_score(g, ctx, scores[g.id])
+            if ranked is not None:
+                comparable[g.id] = np.asarray(ranked, dtype=np.float64)
     timings["scoring"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -102,6 +102,21 @@ def test_bad_model_paths(tmp_path):
     assert not out.exists()
 
 
+def test_onnx_file_is_inspected_and_a_truncated_one_refused(tmp_path):
+    import torch
+
+    from graphprune.testing.zoo import tiny_cnn
+
+    path = tmp_path / "cnn.onnx"
+    torch.onnx.export(tiny_cnn().eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=True, optimize=False)
+    result = run("inspect", path)
+    assert result.returncode == 0, result.stderr
+    assert "traced with onnx" in result.stdout and "channel" in result.stdout
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(path.read_bytes()[:200])
+    assert_user_error(run("inspect", truncated), "onnx")
+
+
 def test_corrupt_safetensors(model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

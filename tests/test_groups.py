@@ -194,3 +194,26 @@ def test_group_json_is_machine_readable():
     kinds = {g["kind"] for g in data["groups"]}
     assert {"channel", "kv-group", "head", "hidden"} <= kinds
     assert data["summary"]["ops_without_rule"] == []
+
+
+# ----------------------------------------------------------------------------- FX fallback
+class DataDependentBranch(nn.Module):
+    """torch.export refuses a branch on a tensor's value; recording follows the branch taken."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 24), nn.Linear(24, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        if h.sum() > 0:
+            h = h * 2
+        return x + self.down(h)
+
+
+def test_fx_fallback_is_used_and_said_when_export_fails():
+    groups = analyze(DataDependentBranch().eval(), (torch.randn(2, 8),))
+    assert groups.graph.frontend == "torch.fx (recorded)"
+    assert any("torch.export failed" in n for n in groups.graph.notes)
+    ffn = next(g for g in groups if ("up.weight", 0) in members(g))
+    assert ffn.prunable and ffn.units == 24 and ("down.weight", 1) in members(ffn)

@@ -34,12 +34,6 @@ class ScoringContext:
         return self.calibration.inputs.get(module_of(s.param))
 
 
-def zscore(values) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    std = values.std(ddof=1) if values.size > 1 else 0.0
-    return (values - values.mean()) / (std if std > 0 else 1.0)
-
-
 def module_of(param: str) -> str:
     return param.rsplit(".", 1)[0]
 
@@ -61,10 +55,10 @@ class Criterion:
     def score(self, group: Group, ctx: ScoringContext) -> np.ndarray:
         raise NotImplementedError
 
-    def global_score(self, group: Group, ctx: ScoringContext, raw: np.ndarray) -> np.ndarray:
-        """Scores comparable across groups and kinds, for the global allocation. Default: z-score
-        within the group (per layer and kind), as FLAP standardises its metrics per layer."""
-        return zscore(raw)
+    def global_score(self, group: Group, ctx: ScoringContext, raw: np.ndarray) -> np.ndarray | None:
+        """Scores comparable across groups and kinds for the global allocation, or None to let the
+        allocator standardise the raw scores per kind across all layers."""
+        return None
 
     def channel_stats(self, group: Group, ctx: ScoringContext, fn, column_transform=None) -> np.ndarray:
         """Average fn(stats, W_columns) over the consumer columns of each unit.
@@ -88,6 +82,35 @@ class Criterion:
         if count == 0:
             raise MissingStatistics(group)
         return total / count
+
+
+class ChannelCriterion(Criterion):
+    """A criterion defined per input channel of the consumer layers (o_proj, down_proj, ...).
+
+    A unit scores the mean of its channels. For the global ranking the channel metric is first
+    z-scored within its layer (FLAP's standardisation of the stacked [layers, channels] metric
+    along the channel axis), so a head averages the standardised values of its channels: it is
+    compared with single channels on one scale without a 3-head layer looking as spread out as a
+    1536-channel one.
+    """
+
+    needs = frozenset({"activations"})
+
+    def column_metric(self, stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transform_for_ranking(self, group: Group, metric: torch.Tensor) -> torch.Tensor:
+        return metric
+
+    def score(self, group, ctx):
+        return self.channel_stats(group, ctx, self.column_metric)
+
+    def global_score(self, group, ctx, raw):
+        def standardise(metric):
+            m = self.transform_for_ranking(group, metric)
+            return (m - m.mean()) / m.std().clamp_min(1e-30)
+
+        return self.channel_stats(group, ctx, self.column_metric, column_transform=standardise)
 
 
 class MissingStatistics(Exception):

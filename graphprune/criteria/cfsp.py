@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import torch
-
 from . import register
-from .base import Criterion
+from .base import ChannelCriterion
 
 
 @register
-class CFSP(Criterion):
+class CFSP(ChannelCriterion):
     """CFSP fine-grained score (Wang et al. 2024, "CFSP: coarse-to-fine activation information").
 
     Coarse step (the ``cfsp`` allocation): block importance = Σ_t arccos(cos(h_in, h_out))/π over
@@ -23,8 +21,6 @@ class CFSP(Criterion):
     name = "cfsp"
     needs = frozenset({"activations", "block_angles"})
 
-    def score(self, group, ctx):
-        def fn(st, w):
-            row_relative = w.abs() / w.abs().sum(1, keepdim=True).clamp_min(1e-30)
-            return row_relative.sum(0) * st.sq_norm.sqrt()
-        return self.channel_stats(group, ctx, fn)
+    def column_metric(self, st, w):
+        row_relative = w.abs() / w.abs().sum(1, keepdim=True).clamp_min(1e-30)
+        return row_relative.sum(0) * st.sq_norm.sqrt()

@@ -1,5 +1,5 @@
-"""PyTorch frontend: trace a module with torch.export (or make_fx as the FX fallback) and translate
-its ATen ops into the canonical IR ops.
+"""PyTorch frontend: trace a module with torch.export (or, as the FX fallback, record the executed
+ops into an FX graph) and translate its ATen ops into the canonical IR ops.
 
 The translation table `ATEN_TRANSLATIONS` maps an ATen op name to a function that reads the op's
 arguments and returns ``(canonical_op, tensor_inputs, attrs)``. An ATen op missing from the table
@@ -598,7 +598,8 @@ def default_example_inputs(model: torch.nn.Module, seq_len: int = 8) -> dict[str
 
 def trace(model: torch.nn.Module, example_inputs: dict[str, Any] | tuple | None = None, *,
           seq_len: int = 8, allow_fallback: bool = True) -> Graph:
-    """Trace `model` into a `Graph`: torch.export first, make_fx (FX) when export fails."""
+    """Trace `model` into a `Graph`: torch.export first; when export fails, an FX graph recorded
+    from the ops executed on the example input."""
     if example_inputs is None:
         example_inputs = default_example_inputs(model, seq_len)
     args, kwargs = (tuple(example_inputs), {}) if isinstance(example_inputs, (tuple, list)) else ((), dict(example_inputs))
@@ -619,9 +620,10 @@ def trace(model: torch.nn.Module, example_inputs: dict[str, Any] | tuple | None 
         if not allow_fallback:
             raise TraceError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         export_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    graph = _trace_make_fx(model, args, kwargs)
-    graph.notes.append(f"torch.export failed ({export_error[:200]}); traced with FX make_fx "
-                       f"in {time.perf_counter() - started:.1f}s")
+    graph = _trace_recorded(model, args, kwargs)
+    graph.notes.append(f"torch.export failed ({export_error[:200]}); traced by recording the executed ops "
+                       f"into FX in {time.perf_counter() - started:.1f}s: the graph follows the branches the "
+                       f"example input takes")
     return graph
 
 
@@ -705,41 +707,98 @@ def _iter_nodes(value: Any):
             yield from _iter_nodes(v)
 
 
-def _trace_make_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
-    """FX fallback: make_fx traces the ATen ops actually executed on the example inputs."""
-    from torch.fx.experimental.proxy_tensor import make_fx
+class _Recorder:
+    """Builds an FX graph of the ATen ops that actually run on the example inputs.
 
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
+    A TorchDispatchMode sees every op with real tensors, so Python control flow on tensor values
+    (which torch.export and make_fx refuse) simply takes the branch the example takes; the graph
+    is specialised to that path, like torch.jit.trace. Tensors are matched to graph nodes by
+    identity; only shapes are kept (as meta tensors), never activations.
+    """
+
+    def __init__(self) -> None:
+        self.graph = torch.fx.Graph()
+        self.node_of: dict[int, torch.fx.Node] = {}
+        self.keep_alive: list[torch.Tensor] = []  # ids stay valid while the trace runs
+        self.constants = 0
+
+    @staticmethod
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+
+    def placeholder(self, t: torch.Tensor, name: str) -> torch.fx.Node:
+        node = self.graph.placeholder(name)
+        node.meta["val"] = self.meta(t)
+        self.node_of[id(t)] = node
+        self.keep_alive.append(t)
+        return node
+
+    def node_for(self, t: torch.Tensor) -> torch.fx.Node:
+        node = self.node_of.get(id(t))
+        if node is None:  # a tensor made outside any recorded op: a constant
+            self.constants += 1
+            node = self.placeholder(t, f"constant_{self.constants}")
+        return node
+
+    def record(self, func, args, kwargs, out) -> None:
+        from torch.utils._pytree import tree_map
+
+        def to_node(a):
+            return self.node_for(a) if isinstance(a, torch.Tensor) else a
+
+        node = self.graph.call_function(func, tree_map(to_node, tuple(args)), tree_map(to_node, dict(kwargs)))
+        if isinstance(out, torch.Tensor):
+            node.meta["val"] = self.meta(out)
+            self.node_of[id(out)] = node
+            self.keep_alive.append(out)
+        elif isinstance(out, (tuple, list)):
+            node.meta["val"] = tuple(self.meta(o) if isinstance(o, torch.Tensor) else None for o in out)
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    item = self.graph.call_function(operator.getitem, (node, i))
+                    item.meta["val"] = self.meta(o)
+                    self.node_of[id(o)] = item
+                    self.keep_alive.append(o)
+
+
+def _trace_recorded(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
+    """FX fallback: an FX graph of the ops executed on the example inputs (see `_Recorder`)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    recorder = _Recorder()
     persistent = set(model.state_dict().keys())
-    names = list(params) + list(buffers)
-    kw_names = list(kwargs)
+    sources: dict[str, tuple[str, str]] = {}
+    for name, p in model.named_parameters():
+        sources[recorder.placeholder(p, f"p_{len(sources)}").name] = (PARAM, name)
+    for name, b in model.named_buffers():
+        sources[recorder.placeholder(b, f"b_{len(sources)}").name] = (STATE if name in persistent else DERIVED, name)
+    inputs = list(enumerate(args)) + list(kwargs.items())
+    for key, value in inputs:
+        if isinstance(value, torch.Tensor):
+            sources[recorder.placeholder(value, f"in_{key}").name] = (INPUT, str(key))
 
-    def forward(*flat):
-        state = dict(zip(names, flat[:len(names)]))
-        rest = flat[len(names):]
-        call_args = rest[:len(args)]
-        call_kwargs = dict(zip(kw_names, rest[len(args):]))
-        return torch.func.functional_call(model, state, call_args, call_kwargs)
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            kw = kw or {}
+            out = func(*a, **kw)
+            recorder.record(func, a, kw, out)
+            return out
 
-    tensor_kwargs = [kwargs[k] for k in kw_names]
     try:
-        with torch.no_grad():
-            gm = make_fx(forward, tracing_mode="real")(*params.values(), *buffers.values(), *args, *tensor_kwargs)
+        with torch.no_grad(), Mode():
+            out = model(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise TraceError(f"could not trace {type(model).__name__} with torch.export nor FX: "
+        raise TraceError(f"could not trace {type(model).__name__} with torch.export nor by recording: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    graph = Graph(type(model).__name__, "torch.fx (make_fx)")
+    outputs = [recorder.node_of[id(t)] for t in tree_leaves(out) if isinstance(t, torch.Tensor) and id(t) in recorder.node_of]
+    recorder.graph.output(tuple(outputs))
+    gm = torch.fx.GraphModule(torch.nn.Module(), recorder.graph)
+    graph = Graph(type(model).__name__, "torch.fx (recorded)")
     builder = _Builder(graph, gm)
-    bindings = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, node in enumerate(placeholders):
-        if i < len(params):
-            kind, source = PARAM, names[i]
-        elif i < len(names):
-            source = names[i]
-            kind = STATE if source in persistent else DERIVED
-        else:
-            kind, source = INPUT, (kw_names[i - len(names) - len(args)] if i - len(names) >= len(args) else f"arg{i}")
-        _bind_placeholder(graph, builder, bindings, node, kind, source)
+    bindings: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            kind, source = sources.get(node.name, (DERIVED, node.name))
+            _bind_placeholder(graph, builder, bindings, node, kind, source)
     return _finish(graph, builder, gm, bindings, model)
