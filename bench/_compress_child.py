@@ -31,7 +31,7 @@ def main() -> None:
         out.update(achieved=0.0)
     else:
         result = compress(loaded, criterion=spec["criterion"], sparsity=spec["sparsity"],
-                          allocation=spec["allocation"], target=spec.get("target", "channels,heads"),
+                          allocation=spec["allocation"], target=spec.get("target"),
                           calib=str(data_file("wiki.train.txt")), nsamples=PROTOCOL["calib_nsamples"],
                           seqlen=PROTOCOL["calib_seqlen"], seed=PROTOCOL["seed"],
                           compensate=spec.get("compensate"), progress=False, use_cache=spec.get("cache", True),

@@ -83,6 +83,8 @@ def cmd_compress(args) -> int:
           f"{p['layers_before']:,} layer parameters (sparsity {p['achieved_sparsity']:.4f}, asked {r['requested_sparsity']}); "
           f"total {p['before']:,} -> {p['after']:,}; FLOPs/token {r['flops_per_token']['before']:.3g} -> "
           f"{r['flops_per_token']['after']:.3g}")
+    if r.get("target_note"):
+        print(f"note: {r['target_note']}")
     layout = "uniform layers: loads with transformers' from_pretrained" if r["uniform_layers"] else \
         "per-layer sizes: load with graphprune.load_pruned(path)"
     if r["floored_groups"]:
@@ -148,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="flap")
     p.add_argument("--sparsity", type=_fraction, default=0.2, help="fraction of layer parameters to remove")
     p.add_argument("--allocation", default="global", choices=["uniform", "global", "cfsp"])
-    p.add_argument("--target", default="channels,heads",
-                   help="comma list of: channels, heads (= whole KV groups), query-heads")
+    p.add_argument("--target", default=None,
+                   help="comma list of: channels, heads (whole KV groups under GQA), query-heads; default: "
+                        "channels,heads where the config can express head removal, else channels")
     p.add_argument("--calib", default="default", help="text file, 'default' (bundled excerpt) or hf:dataset")
     p.add_argument("--nsamples", type=_positive_int, default=128)
     p.add_argument("--seqlen", type=_positive_int, default=128)

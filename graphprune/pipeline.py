@@ -22,9 +22,11 @@ from .graph.groups import PRUNABLE, OPT_IN, Group
 from .passes import BiasCompensation, ConfigRewrite, SliceParameters, Validate
 from .passes.config import instantiate
 
+# "heads" means whole KV groups under GQA and plain heads otherwise (see select_groups).
 TARGETS = {"channels": ("channel",), "heads": ("kv-group",), "query-heads": ("head",), "kv-groups": ("kv-group",),
            "experts": ("expert",), "hidden": ("hidden",)}
 COMPENSATIONS = ("none", "bias")
+DEFAULT_TARGET = "channels,heads"
 
 
 @dataclass
@@ -43,13 +45,53 @@ def _layer_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in found[1].parameters())
 
 
+def heads_expressible(model: torch.nn.Module, groups: GroupSet) -> bool:
+    """Can the config describe one head fewer per layer? Tried on a meta model: families that
+    derive head_dim from hidden_size / heads (BERT, GPT-2) cannot."""
+    from .passes.config import HEAD_KEYS, head_dim_of
+
+    config = getattr(model, "config", None)
+    key = next((k for k in HEAD_KEYS if getattr(config, k, None)), None) if config is not None else None
+    head_groups = [g for g in groups if g.kind in ("kv-group", "head") and g.prunable]
+    if key is None or not head_groups:
+        return False
+    import copy
+
+    trial = copy.deepcopy(config)
+    per_group = getattr(config, key)
+    kv = next((g for g in head_groups if g.kind == "kv-group"), None)
+    step = per_group // kv.units if kv is not None else 1
+    try:
+        setattr(trial, key, per_group - step)
+        kv_key = next((k for k in ("num_key_value_heads", "num_kv_heads", "n_kv_heads") if getattr(config, k, None)), None)
+        if kv is not None and kv_key:
+            setattr(trial, kv_key, getattr(config, kv_key) - 1)
+        trial.head_dim = head_dim_of(config)
+        meta = instantiate(type(model), trial)
+    except Exception:  # noqa: BLE001 - the config refuses such a head count
+        return False
+    probe = head_groups[0].slices[0]
+    size = dict(meta.named_parameters(remove_duplicate=False)).get(probe.param)
+    if size is None:
+        return False
+    expected = model.get_parameter(probe.param).shape[probe.axis] - probe.width
+    return size.shape[probe.axis] == expected
+
+
 def select_groups(groups: GroupSet, target: str) -> list[Group]:
     kinds: set[str] = set()
     for part in [t.strip() for t in target.split(",") if t.strip()]:
         if part not in TARGETS:
             raise UserError(f"unknown --target '{part}' (choose from {', '.join(TARGETS)})")
         kinds.update(TARGETS[part])
-    chosen = [g for g in groups if g.kind in kinds and g.status in (PRUNABLE, OPT_IN)]
+    def wanted(g: Group) -> bool:
+        if g.kind in kinds:
+            return True
+        # "heads" removes whole KV groups under GQA; with plain multi-head attention (no KV group
+        # above the heads) it removes heads.
+        return "kv-group" in kinds and g.kind == "head" and g.parent is None
+
+    chosen = [g for g in groups if wanted(g) and g.status in (PRUNABLE, OPT_IN)]
     # Channels inside one expert of a stacked [E, ...] tensor: experts of one tensor must lose the
     # same number of channels, which the slicer and allocator do not enforce yet; never prune them
     # silently wrong.
@@ -100,7 +142,7 @@ def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_siz
     return stats
 
 
-def check_options(*, criterion: str, sparsity: float, allocation: str, target: str, compensate: str | None,
+def check_options(*, criterion: str, sparsity: float, allocation: str, target: str | None, compensate: str | None,
                   round_to: int = 1) -> str:
     """Validate the options before any expensive work; returns the effective compensation."""
     if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not (0.0 < float(sparsity) < 1.0):
@@ -108,7 +150,7 @@ def check_options(*, criterion: str, sparsity: float, allocation: str, target: s
     criteria_mod.get(criterion)
     if allocation not in alloc_mod.ALLOCATIONS:
         raise UserError(f"unknown --allocation '{allocation}' (choose from {', '.join(alloc_mod.ALLOCATIONS)})")
-    for part in [t.strip() for t in target.split(",") if t.strip()] or [""]:
+    for part in [t.strip() for t in (target or DEFAULT_TARGET).split(",") if t.strip()] or [""]:
         if part not in TARGETS:
             raise UserError(f"unknown --target '{part}' (choose from {', '.join(TARGETS)})")
     if compensate is None:
@@ -121,7 +163,7 @@ def check_options(*, criterion: str, sparsity: float, allocation: str, target: s
 
 
 def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allocation: str = "global",
-             target: str = "channels,heads", calib: str = "default", nsamples: int = 128, seqlen: int = 128,
+             target: str | None = None, calib: str = "default", nsamples: int = 128, seqlen: int = 128,
              seed: int = 0, compensate: str | None = None, round_to: int = 1, floor: int = 1,
              batch_size: int = 8, progress: bool = True, tokenizer: Any = None, use_cache: bool = True,
              criterion_options: dict | None = None, release_input: bool = False) -> CompressResult:
@@ -153,6 +195,13 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
 
     t = time.perf_counter()
     groups = analyze(model)
+    target_note = None
+    if target is None:
+        target = DEFAULT_TARGET
+        if not heads_expressible(model, groups):
+            target = "channels"
+            target_note = (f"{type(model.config).__name__} derives head_dim from hidden_size / heads, so removing "
+                           f"heads cannot be written to its config: pruning channels only")
     chosen = select_groups(groups, target)
     timings["trace"] = time.perf_counter() - t
 
@@ -227,7 +276,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
         "graphprune_version": _version(),
         "model": getattr(loaded, "name", type(model).__name__) if loaded else type(model).__name__,
         "criterion": criterion, "criterion_options": criterion_options or {}, "allocation": allocation,
-        "target": target, "compensate": compensate, "requested_sparsity": float(sparsity), "seed": seed,
+        "target": target, "target_note": target_note, "compensate": compensate, "requested_sparsity": float(sparsity), "seed": seed,
         "calibration": calib_note,
         "params": {"before": before, "after": after, "layers_before": total_layer_params, "layers_after": layer_after,
                    "achieved_sparsity": (total_layer_params - layer_after) / total_layer_params},

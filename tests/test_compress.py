@@ -263,3 +263,11 @@ def test_per_layer_output_reloads_with_graphprune_in_a_fresh_process(model, tmp_
                                                          "num_key_value_heads": 1}
     _reload_and_compare(pruned, out, tmp_path, "graphprune")
     assert load_pruned(out).model.layers[0].mlp.down_proj.in_features == 86
+
+
+def test_query_heads_inside_kv_groups_can_be_the_target():
+    model = tiny_llama(heads=6, kv=2, hidden=96)
+    result = compress(model, criterion="magnitude", sparsity=0.4, allocation="uniform",
+                      target="channels,query-heads", progress=False)
+    assert result.model.config.num_key_value_heads == 2  # every KV group stays
+    assert result.model.config.num_attention_heads in (2, 4)  # the same number of query heads per group

@@ -286,7 +286,8 @@ def rule_addmm(p: Propagation, op: Op) -> None:
     bias, a, b = op.inputs
     y = _out(op)
     _matmul_axes(p, a, b, y)
-    p.broadcast(bias, y)
+    if bias is not None:
+        p.broadcast(bias, y)
 
 
 def rule_conv(p: Propagation, op: Op) -> None:

@@ -159,12 +159,27 @@ class ConfigRewrite:
 
     @staticmethod
     def _verify(config, model_class, state_shapes: dict[str, tuple[int, ...]]) -> None:
-        model = instantiate(model_class, config)
+        try:
+            model = instantiate(model_class, config)
+        except PruningError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the family's config validation refuses the sizes
+            raise PruningError(f"{type(config).__name__} refuses the pruned sizes: {str(exc).splitlines()[0]}"
+                               f"{_HEADS_HINT if not _has_native_head_dim(model_class, config) else ''}") from exc
         expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
         wrong = [f"{n}: weights {state_shapes[n]} vs config {expected[n]}" for n in state_shapes
                  if n in expected and tuple(state_shapes[n]) != expected[n]]
         if wrong:
-            raise PruningError("the rewritten config does not describe the pruned weights: " + "; ".join(wrong[:3]))
+            hint = _HEADS_HINT if any("attn" in w or "attention" in w for w in wrong) else ""
+            raise PruningError("the rewritten config does not describe the pruned weights: " + "; ".join(wrong[:2]) + hint)
+
+
+_HEADS_HINT = (" (this architecture derives head_dim from hidden_size / heads, so removed heads cannot be "
+               "described in its config: use --target channels)")
+
+
+def _has_native_head_dim(model_class, config) -> bool:
+    return "head_dim" in type(config)().to_dict() if hasattr(type(config), "__call__") else False
 
 
 def _find_heads(config) -> int:
