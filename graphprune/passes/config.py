@@ -179,7 +179,11 @@ _HEADS_HINT = (" (this architecture derives head_dim from hidden_size / heads, s
 
 
 def _has_native_head_dim(model_class, config) -> bool:
-    return "head_dim" in type(config)().to_dict() if hasattr(type(config), "__call__") else False
+    """Does the family's config know `head_dim` itself (Llama does; BERT and GPT-2 derive it)?"""
+    try:
+        return "head_dim" in type(config)().to_dict()
+    except Exception:  # noqa: BLE001 - a config that needs arguments: assume it does not
+        return False
 
 
 def _find_heads(config) -> int:
