@@ -15,13 +15,9 @@ __all__ = ["compress", "inspect", "load_model", "load_pruned", "save_pruned", "_
 def inspect(model, example_inputs=None, *, seq_len: int = 8):
     """Dependency groups of a model (an alias, a path, a LoadedModel or an nn.Module)."""
     from .graph import analyze
-    from .models import load_model as _load
+    from .pipeline import resolve_model
 
-    if isinstance(model, str) or hasattr(model, "__fspath__"):
-        model = _load(model).model
-    elif hasattr(model, "tokenizer") and hasattr(model, "model"):
-        model = model.model
-    return analyze(model, example_inputs, seq_len=seq_len)
+    return analyze(resolve_model(model)[1], example_inputs, seq_len=seq_len)
 
 
 def __getattr__(name):  # heavy modules (torch, transformers) load on first use

@@ -23,9 +23,6 @@ class Allocation:
     floored: list[str] = field(default_factory=list)  # groups that hit the floor
     notes: list[str] = field(default_factory=list)
 
-    def removed_params(self, groups: dict[str, Group]) -> int:
-        return sum(len(r) * groups[g].params_per_unit for g, r in self.removed.items())
-
 
 def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
     # Stable order: ties are broken by unit index, so runs are deterministic.
@@ -70,7 +67,6 @@ def allocate(groups: list[Group], scores: dict[str, np.ndarray], *, method: str,
     if method not in ALLOCATIONS:
         raise PruningError(f"unknown allocation '{method}' (choose from {', '.join(ALLOCATIONS)})")
     target = sparsity * total_params
-    by_id = {g.id: g for g in groups}
     prunable = sum(g.units * g.params_per_unit for g in groups)
     if prunable <= 0:
         raise PruningError("no prunable groups were selected")
@@ -86,10 +82,10 @@ def allocate(groups: list[Group], scores: dict[str, np.ndarray], *, method: str,
         if not block_importance:
             raise PruningError("the cfsp allocation needs block angles from calibration (criterion cfsp)")
         return _by_block(groups, scores, target, floor, round_to, block_importance)
-    return _uniform(groups, scores, target, floor, round_to, by_id)
+    return _uniform(groups, scores, target, floor, round_to)
 
 
-def _uniform(groups, scores, target, floor, round_to, by_id) -> Allocation:
+def _uniform(groups, scores, target, floor, round_to) -> Allocation:
     """Same fraction in every layer and kind; the coarse kinds (heads) are rounded first and the
     fine-grained channels absorb the rounding so the total lands on the target."""
     alloc = Allocation({})

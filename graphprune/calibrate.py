@@ -23,7 +23,6 @@ class InputStats:
     count: int
     sum: torch.Tensor
     sumsq: torch.Tensor
-    gram: torch.Tensor | None = None  # E[x xᵀ] numerator, when asked for (compensation)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -62,33 +61,29 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | Non
 
 
 def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: list[str] = (),
-            gram_modules: list[str] = (), block_angles: bool = False, batch_size: int = 8,
+            block_angles: bool = False, batch_size: int = 8,
             progress: bool = True, add_kwargs: dict | None = None) -> Calibration:
     """Run `batches` ([n, seqlen] token ids) through `model`, accumulating statistics."""
     result = Calibration()
     modules = dict(model.named_modules())
     handles = []
 
-    def input_hook(name: str, want_gram: bool):
+    def input_hook(name: str):
         def hook(module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
             x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
             st = result.inputs.get(name)
             if st is None:
                 dim = x.shape[-1]
-                st = InputStats(0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64),
-                                torch.zeros(dim, dim, dtype=torch.float64) if want_gram else None)
+                st = InputStats(0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
                 result.inputs[name] = st
             st.count += x.shape[0]
             st.sum += x.sum(0)
             st.sumsq += (x * x).sum(0)
-            if st.gram is not None:
-                st.gram += x.T @ x
         return hook
 
-    wanted_gram = set(gram_modules)
-    for name in dict.fromkeys(list(input_modules) + list(gram_modules)):
-        handles.append(modules[name].register_forward_pre_hook(input_hook(name, name in wanted_gram)))
+    for name in dict.fromkeys(input_modules):
+        handles.append(modules[name].register_forward_pre_hook(input_hook(name)))
 
     if block_angles:
         blocks = find_blocks(model)
@@ -144,8 +139,6 @@ def save_cached(key: str, calib: Calibration) -> None:
         tensors[f"in/{name}/sum"] = st.sum
         tensors[f"in/{name}/sumsq"] = st.sumsq
         tensors[f"in/{name}/count"] = torch.tensor([st.count], dtype=torch.int64)
-        if st.gram is not None:
-            tensors[f"in/{name}/gram"] = st.gram
     for index, angle in calib.block_angle.items():
         tensors[f"angle/{index}"] = torch.tensor([angle], dtype=torch.float64)
     tensors["tokens"] = torch.tensor([calib.tokens], dtype=torch.int64)

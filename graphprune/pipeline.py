@@ -45,27 +45,40 @@ def _layer_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in found[1].parameters())
 
 
+def resolve_model(model: Any, tokenizer: Any = None) -> tuple[Any, torch.nn.Module | None, Any]:
+    """(LoadedModel or None, module, tokenizer) from an alias, a path, a LoadedModel or a module."""
+    loaded = None
+    if isinstance(model, (str, Path)):
+        from .models import load_model
+
+        loaded = load_model(model)
+    elif hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, torch.nn.Module):
+        loaded = model
+    if loaded is not None:
+        return loaded, loaded.model, tokenizer or loaded.tokenizer
+    return None, model, tokenizer
+
+
 def heads_expressible(model: torch.nn.Module, groups: GroupSet) -> bool:
     """Can the config describe one head fewer per layer? Tried on a meta model: families that
     derive head_dim from hidden_size / heads (BERT, GPT-2) cannot."""
-    from .passes.config import HEAD_KEYS, head_dim_of
-
-    config = getattr(model, "config", None)
-    key = next((k for k in HEAD_KEYS if getattr(config, k, None)), None) if config is not None else None
-    head_groups = [g for g in groups if g.kind in ("kv-group", "head") and g.prunable]
-    if key is None or not head_groups:
-        return False
     import copy
 
-    trial = copy.deepcopy(config)
-    per_group = getattr(config, key)
+    from .passes.config import HEAD_KEYS, KV_KEYS, _find_key, head_dim_of
+
+    config = getattr(model, "config", None)
+    head_groups = [g for g in groups if g.kind in ("kv-group", "head") and g.prunable]
+    heads = next((getattr(config, k) for k in HEAD_KEYS if getattr(config, k, None)), None)
+    if heads is None or not head_groups:
+        return False
     kv = next((g for g in head_groups if g.kind == "kv-group"), None)
-    step = per_group // kv.units if kv is not None else 1
+    trial = copy.deepcopy(config)
     try:
-        setattr(trial, key, per_group - step)
-        kv_key = next((k for k in ("num_key_value_heads", "num_kv_heads", "n_kv_heads") if getattr(config, k, None)), None)
-        if kv is not None and kv_key:
-            setattr(trial, kv_key, getattr(config, kv_key) - 1)
+        setattr(trial, _find_key(config, HEAD_KEYS, heads), heads - (heads // kv.units if kv is not None else 1))
+        if kv is not None:
+            kv_key = _find_key(config, KV_KEYS, kv.units)
+            if kv_key:
+                setattr(trial, kv_key, kv.units - 1)
         trial.head_dim = head_dim_of(config)
         meta = instantiate(type(model), trial)
     except Exception:  # noqa: BLE001 - the config refuses such a head count
@@ -179,15 +192,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
                                compensate=compensate, round_to=round_to)
     scorer = criteria_mod.get(criterion, **(criterion_options or {}))
 
-    loaded = None
-    if isinstance(model, (str, Path)):
-        from .models import load_model
-
-        loaded = load_model(model)
-        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
-    elif hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, torch.nn.Module):
-        loaded = model
-        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    loaded, model, tokenizer = resolve_model(model, tokenizer)
     if model is None:
         raise UserError("compress needs a PyTorch model here (ONNX-native pruning is not available yet)")
     model.eval()

@@ -165,7 +165,7 @@ class ConfigRewrite:
             raise
         except Exception as exc:  # noqa: BLE001 - the family's config validation refuses the sizes
             raise PruningError(f"{type(config).__name__} refuses the pruned sizes: {str(exc).splitlines()[0]}"
-                               f"{_HEADS_HINT if not _has_native_head_dim(model_class, config) else ''}") from exc
+                               f"{_HEADS_HINT if not _has_native_head_dim(config) else ''}") from exc
         expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
         wrong = [f"{n}: weights {state_shapes[n]} vs config {expected[n]}" for n in state_shapes
                  if n in expected and tuple(state_shapes[n]) != expected[n]]
@@ -178,7 +178,7 @@ _HEADS_HINT = (" (this architecture derives head_dim from hidden_size / heads, s
                "described in its config: use --target channels)")
 
 
-def _has_native_head_dim(model_class, config) -> bool:
+def _has_native_head_dim(config) -> bool:
     """Does the family's config know `head_dim` itself (Llama does; BERT and GPT-2 derive it)?"""
     try:
         return "head_dim" in type(config)().to_dict()
