@@ -66,14 +66,16 @@ def cmd_compress(args) -> int:
     from .export import prepare_output, save_pruned
     from .pipeline import check_options, compress
 
+    experts = {"expert_criterion": args.expert_criterion, "expert_sparsity": args.expert_sparsity,
+               "expert_allocation": args.expert_allocation}
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
-                  compensate=args.compensate, round_to=args.round_to)
+                  compensate=args.compensate, round_to=args.round_to, **experts)
     loaded = _load(args.model, args)
     out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
-                      target=args.target, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                      seed=args.seed, compensate=args.compensate, round_to=args.round_to,
-                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True)
+                      target=args.target, calib=args.calib or ["default"], nsamples=args.nsamples,
+                      seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,
+                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True, **experts)
     source_dir = loaded.path if loaded.path.is_dir() else None
     save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
                 force=args.force)
@@ -83,6 +85,10 @@ def cmd_compress(args) -> int:
           f"{p['layers_before']:,} layer parameters (sparsity {p['achieved_sparsity']:.4f}, asked {r['requested_sparsity']}); "
           f"total {p['before']:,} -> {p['after']:,}; FLOPs/token {r['flops_per_token']['before']:.3g} -> "
           f"{r['flops_per_token']['after']:.3g}")
+    if r.get("experts"):
+        e = r["experts"]
+        print(f"experts: {e['criterion']} / {e['allocation']} removed {e['experts_removed']} of {e['experts_before']} "
+              f"routed experts; kept per layer {_counts(e['kept_per_layer'])}")
     if r.get("target_note"):
         print(f"note: {r['target_note']}")
     layout = "uniform layers: loads with transformers' from_pretrained" if r["uniform_layers"] else \
@@ -92,6 +98,11 @@ def cmd_compress(args) -> int:
               f"(floor); the rest of the budget went elsewhere")
     print(f"wrote {out} ({layout}) in {r['timings_s']['total']:.1f}s")
     return 0
+
+
+def _counts(per_layer: dict[str, int]) -> str:
+    values = set(per_layer.values())
+    return str(values.pop()) if len(values) == 1 else ", ".join(f"{k}:{v}" for k, v in per_layer.items())
 
 
 def cmd_eval(args) -> int:
@@ -147,13 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="prune a model and write the smaller one")
     model_args(p)
-    p.add_argument("--criterion", default="flap")
-    p.add_argument("--sparsity", type=_fraction, default=0.2, help="fraction of layer parameters to remove")
+    p.add_argument("--criterion", default=None,
+                   help="default flap; with --target experts an expert criterion (easyep default, reap, frequency, "
+                        "random)")
+    p.add_argument("--sparsity", type=_fraction, default=0.2,
+                   help="fraction of layer parameters to remove; with --target experts alone, of routed experts")
     p.add_argument("--allocation", default="global", choices=["uniform", "global", "cfsp"])
     p.add_argument("--target", default=None,
-                   help="comma list of: channels, heads (whole KV groups under GQA), query-heads; default: "
-                        "channels,heads where the config can express head removal, else channels")
-    p.add_argument("--calib", default="default", help="text file, 'default' (bundled excerpt) or hf:dataset")
+                   help="comma list of: channels, heads (whole KV groups under GQA), query-heads, experts (routed "
+                        "MoE experts, removed first); default: channels,heads where the config can express head "
+                        "removal, else channels")
+    p.add_argument("--calib", action="append", default=None,
+                   help="text file, 'default' (bundled excerpt) or hf:dataset; repeat to combine domains (expert "
+                        "criteria add per-layer normalised scores of each)")
+    p.add_argument("--expert-criterion", default=None, help="expert criterion of a combined target (default easyep)")
+    p.add_argument("--expert-sparsity", type=_fraction, default=None,
+                   help="fraction of routed experts to remove (default: --sparsity)")
+    p.add_argument("--expert-allocation", default="uniform", choices=["uniform", "global"],
+                   help="uniform: same expert count in every layer (plain from_pretrained); global: per-layer "
+                        "counts from globally normalised scores (graphprune.load_pruned)")
     p.add_argument("--nsamples", type=_positive_int, default=128)
     p.add_argument("--seqlen", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)

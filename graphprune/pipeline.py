@@ -155,17 +155,64 @@ def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_siz
     return stats
 
 
-def check_options(*, criterion: str, sparsity: float, allocation: str, target: str | None, compensate: str | None,
-                  round_to: int = 1) -> str:
-    """Validate the options before any expensive work; returns the effective compensation."""
-    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not (0.0 < float(sparsity) < 1.0):
-        raise UserError(f"--sparsity must be a number strictly between 0 and 1, got {sparsity}")
-    criteria_mod.get(criterion)
-    if allocation not in alloc_mod.ALLOCATIONS:
-        raise UserError(f"unknown --allocation '{allocation}' (choose from {', '.join(alloc_mod.ALLOCATIONS)})")
-    for part in [t.strip() for t in (target or DEFAULT_TARGET).split(",") if t.strip()] or [""]:
+def _target_parts(target: str | None) -> list[str]:
+    parts = [t.strip() for t in (target or DEFAULT_TARGET).split(",") if t.strip()] or [""]
+    for part in parts:
         if part not in TARGETS:
             raise UserError(f"unknown --target '{part}' (choose from {', '.join(TARGETS)})")
+    return parts
+
+
+def resolve_criteria(criterion: str | None, expert_criterion: str | None, target: str | None
+                     ) -> tuple[str | None, str | None]:
+    """(criterion for channels/heads, criterion for routed experts); None where that stage does not run.
+
+    Expert criteria (easyep, reap, ...) score experts only, the others channels and heads only:
+    `--target experts` takes `--criterion` when it names an expert criterion, a combined target
+    takes the expert one from `--expert-criterion` (default easyep)."""
+    from .criteria.base import ExpertCriterion
+
+    parts = _target_parts(target)
+    is_expert = criterion is not None and isinstance(criteria_mod.get(criterion), ExpertCriterion)
+    if expert_criterion is not None:
+        criteria_mod.get(expert_criterion)
+    if "experts" not in parts:
+        if is_expert:
+            raise UserError(f"criterion '{criterion}' scores routed experts: use it with --target experts")
+        if expert_criterion is not None:
+            raise UserError("--expert-criterion needs --target experts (e.g. --target experts,channels)")
+        return criterion or "flap", None
+    if parts == ["experts"]:
+        if criterion is not None and not is_expert and expert_criterion is None:
+            from .moe import expert_criterion as check_expert
+
+            check_expert(criterion)  # raises: names the expert criteria
+        return None, expert_criterion or (criterion if is_expert else None) or "easyep"
+    if is_expert:
+        raise UserError(f"criterion '{criterion}' scores experts only; with --target {target} name the channel/head "
+                        f"criterion with --criterion and the expert one with --expert-criterion {criterion}")
+    return criterion or "flap", expert_criterion or "easyep"
+
+
+def check_options(*, criterion: str | None, sparsity: float, allocation: str, target: str | None,
+                  compensate: str | None, round_to: int = 1, expert_criterion: str | None = None,
+                  expert_sparsity: float | None = None, expert_allocation: str = "uniform") -> str:
+    """Validate the options before any expensive work; returns the effective compensation."""
+    for name, value in (("--sparsity", sparsity), ("--expert-sparsity", expert_sparsity)):
+        if value is None and name == "--expert-sparsity":
+            continue
+        if not isinstance(value, (int, float)) or math.isnan(value) or not (0.0 < float(value) < 1.0):
+            raise UserError(f"{name} must be a number strictly between 0 and 1, got {value}")
+    criterion, expert = resolve_criteria(criterion, expert_criterion, target)
+    if expert is not None:
+        from .moe import EXPERT_ALLOCATIONS, expert_criterion as check_expert
+
+        check_expert(expert)
+        if expert_allocation not in EXPERT_ALLOCATIONS:
+            raise UserError(f"unknown --expert-allocation '{expert_allocation}' (choose from "
+                            f"{', '.join(EXPERT_ALLOCATIONS)})")
+    if allocation not in alloc_mod.ALLOCATIONS:
+        raise UserError(f"unknown --allocation '{allocation}' (choose from {', '.join(alloc_mod.ALLOCATIONS)})")
     if compensate is None:
         compensate = "bias" if criterion == "flap" else "none"
     if compensate not in COMPENSATIONS:
@@ -175,22 +222,32 @@ def check_options(*, criterion: str, sparsity: float, allocation: str, target: s
     return compensate
 
 
-def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allocation: str = "global",
-             target: str | None = None, calib: str = "default", nsamples: int = 128, seqlen: int = 128,
+def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2, allocation: str = "global",
+             target: str | None = None, calib: str | list[str] = "default", nsamples: int = 128, seqlen: int = 128,
              seed: int = 0, compensate: str | None = None, round_to: int = 1, floor: int = 1,
              batch_size: int = 8, progress: bool = True, tokenizer: Any = None, use_cache: bool = True,
-             criterion_options: dict | None = None, release_input: bool = False) -> CompressResult:
+             criterion_options: dict | None = None, release_input: bool = False,
+             expert_criterion: str | None = None, expert_sparsity: float | None = None,
+             expert_allocation: str = "uniform") -> CompressResult:
     """Prune `model` (an alias, a path, a LoadedModel or an HF nn.Module) and return the smaller model.
 
     Nothing is written here: `save_pruned` writes the result atomically. The input model is left
     as it was unless `release_input=True`, which lets the pruned parameters of the input be freed
     during the rewrite (the CLI does this: it keeps peak memory near one model).
+
+    `criterion` defaults to flap (easyep for `target="experts"`). With "experts" in `target`, routed
+    experts are removed first (`expert_sparsity`, default `sparsity`, is the fraction of routed
+    experts removed; see `graphprune.moe`), then the other targets of the expert-pruned model lose
+    `sparsity` of its layer parameters. `calib` may list several sources: expert criteria combine
+    them by per-layer normalised sums, channel statistics are taken over all of them.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
     compensate = check_options(criterion=criterion, sparsity=sparsity, allocation=allocation, target=target,
-                               compensate=compensate, round_to=round_to)
-    scorer = criteria_mod.get(criterion, **(criterion_options or {}))
+                               compensate=compensate, round_to=round_to, expert_criterion=expert_criterion,
+                               expert_sparsity=expert_sparsity, expert_allocation=expert_allocation)
+    criterion, expert_criterion = resolve_criteria(criterion, expert_criterion, target)
+    calib_sources = [calib] if isinstance(calib, (str, Path)) else list(calib)
 
     loaded, model, tokenizer = resolve_model(model, tokenizer)
     if model is None:
@@ -200,6 +257,25 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
 
     t = time.perf_counter()
     groups = analyze(model)
+    experts_stage = None
+    if expert_criterion is not None:
+        from .moe import prune_experts
+
+        original = {"before": sum(p.numel() for p in _unique_params(model)), "layers_before": _layer_params(model),
+                    "flops_before": _flops_per_token(groups)}
+        experts_stage = prune_experts(
+            model, groups, criterion=expert_criterion, sparsity=expert_sparsity or sparsity,
+            allocation=expert_allocation, calib=calib_sources, tokenizer=tokenizer, nsamples=nsamples,
+            seqlen=seqlen, seed=seed, batch_size=batch_size, progress=progress,
+            criterion_options=criterion_options if criterion is None else None, release_input=release_input)
+        timings["experts"] = time.perf_counter() - t
+        model = experts_stage.model
+        target = ",".join(p for p in _target_parts(target) if p != "experts")
+        if not target:
+            return _experts_result(loaded, model, groups, experts_stage, original, timings, started)
+        t = time.perf_counter()
+        groups = analyze(model)
+    scorer = criteria_mod.get(criterion, **(criterion_options or {}))
     target_note = None
     if target is None:
         target = DEFAULT_TARGET
@@ -222,9 +298,10 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
             raise UserError(f"criterion '{criterion}' needs calibration text but the model has no tokenizer")
         from .data.calibration import load_calibration, needs_bos
 
-        batches = load_calibration(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                   add_bos=needs_bos(model))
-        calib_note = {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        batches = torch.cat([load_calibration(c, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                              add_bos=needs_bos(model)) for c in calib_sources])
+        calib_note = {"source": ",".join(map(str, calib_sources)), "nsamples": nsamples, "seqlen": seqlen,
+                      "seed": seed}
         if needs & {"activations", "block_angles"}:
             modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g)})
             key = cache_key("stats-v1", _fingerprint(model), calib_note, modules, "block_angles" in needs)
@@ -292,7 +369,45 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
         "trace": groups.graph.notes,
         **report_extra,
     }
+    if experts_stage is not None:
+        _merge_experts_report(report, experts_stage, original)
     return CompressResult(result_model, report, groups, plan.removed)
+
+
+def _merge_experts_report(report: dict, stage, original: dict) -> None:
+    """A combined run reports against the model before expert pruning."""
+    p = report["params"]
+    p["before"], p["layers_before"] = original["before"], original["layers_before"]
+    p["achieved_sparsity"] = (p["layers_before"] - p["layers_after"]) / p["layers_before"]
+    report["flops_per_token"]["before"] = original["flops_before"]
+    report["kept_units"]["expert"] = stage.report["kept_per_layer"]
+    report["experts"] = stage.report
+    report["uniform_layers"] = report["uniform_layers"] and stage.report["uniform_layers"]
+
+
+def _experts_result(loaded, model: torch.nn.Module, groups: GroupSet, stage, original: dict,
+                    timings: dict[str, float], started: float) -> CompressResult:
+    """The report of a run that removed routed experts only (same keys as a channel run)."""
+    timings["total"] = time.perf_counter() - started
+    layer_after = _layer_params(model)
+    # Top-k routing runs the same number of experts per token: only the router's rows save FLOPs.
+    flops_removed = sum(len(stage.removed[layer.group.id]) * layer.group.flops_per_unit for layer in stage.layers)
+    report = {
+        "graphprune_version": _version(),
+        "model": getattr(loaded, "name", type(model).__name__) if loaded else type(model).__name__,
+        "criterion": stage.report["criterion"], "criterion_options": {}, "allocation": stage.report["allocation"],
+        "target": "experts", "target_note": None, "compensate": "none",
+        "requested_sparsity": stage.report["requested_sparsity"], "seed": (stage.report["calibration"] or {}).get("seed"),
+        "calibration": stage.report["calibration"],
+        "params": {"before": original["before"], "after": sum(p.numel() for p in _unique_params(model)),
+                   "layers_before": original["layers_before"], "layers_after": layer_after,
+                   "achieved_sparsity": (original["layers_before"] - layer_after) / original["layers_before"]},
+        "flops_per_token": {"before": original["flops_before"], "after": original["flops_before"] - flops_removed},
+        "kept_units": {"expert": stage.report["kept_per_layer"]}, "floored_groups": [], "allocation_notes": [],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "trace": groups.graph.notes, "experts": stage.report, "uniform_layers": stage.report["uniform_layers"],
+    }
+    return CompressResult(model, report, groups, stage.removed)
 
 
 def rewrite(model: torch.nn.Module, groups: GroupSet, chosen: list[Group], removed: dict[str, np.ndarray], *,

@@ -114,7 +114,31 @@ class ChannelCriterion(Criterion):
 
 
 class MissingStatistics(Exception):
-    def __init__(self, group: Group) -> None:
-        super().__init__(f"group {group.id} ({group.kind} {group.scope}) has no consumer layer with "
-                         f"calibration statistics")
+    def __init__(self, group: Group, why: str = "has no consumer layer with calibration statistics") -> None:
+        super().__init__(f"group {group.id} ({group.kind} {group.scope}) {why}")
         self.group = group
+
+
+class ExpertCriterion(Criterion):
+    """Scores the routed experts of one MoE layer from routing statistics (`graphprune.moe.routing`).
+
+    With several calibration domains the scores of each domain are divided by their sum over the
+    layer's experts (each domain's share of the layer's importance) and added, so every domain
+    counts equally whatever its raw scale.
+    """
+
+    needs = frozenset({"expert_routing"})
+
+    def from_stats(self, stats) -> np.ndarray:
+        """One score per expert from one domain's `ExpertStats`."""
+        raise NotImplementedError
+
+    def score_layer(self, layer, domains: list) -> np.ndarray:
+        total = np.zeros(layer.num_experts)
+        for stats in domains:
+            s = np.asarray(self.from_stats(stats), dtype=np.float64)
+            total += s / s.sum() if len(domains) > 1 and s.sum() > 0 else s
+        return total
+
+    def score(self, group, ctx):
+        raise MissingStatistics(group, f"criterion '{self.name}' scores routed experts only (--target experts)")

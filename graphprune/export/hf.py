@@ -74,13 +74,13 @@ def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = Non
 
 def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load a graphprune output, including per-layer (heterogeneous) shapes that plain
-    `from_pretrained` cannot build: the model is instantiated layer by layer from the config's
-    `graphprune_layer_overrides`, then the safetensors weights are loaded strictly."""
-    from safetensors.torch import load_file
+    `from_pretrained` cannot build: transformers' `from_pretrained` runs on a subclass of the
+    architecture that builds each layer from the config's `graphprune_layer_overrides`, so the
+    family's checkpoint conversions apply; every tensor must match (none missing or left over)."""
     from transformers import AutoConfig
     import transformers
 
-    from ..passes.config import instantiate
+    from ..passes.config import per_layer_class
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
@@ -88,20 +88,19 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torc
     model_class = getattr(transformers, arch, None) if arch else None
     if model_class is None:
         raise OutputError(f"{path}: config names no known architecture ({arch})")
-    model = instantiate(model_class, config, device="cpu")
-    state: dict[str, torch.Tensor] = {}
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    for f in files:
-        state.update(load_file(str(path / f)))
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    persistent = set(model.state_dict())
-    tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
-    missing = [m for m in missing if m in persistent and m not in tied]
-    if missing or unexpected:
-        raise OutputError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the mismatch report table is replaced by the one-line error below
+    try:
+        model, info = per_layer_class(model_class).from_pretrained(path, config=config, dtype=dtype,
+                                                                   output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched:
+        raise OutputError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, wrong shape {mismatched[:3]})")
     return model.to(dtype).eval()

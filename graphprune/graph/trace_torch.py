@@ -9,6 +9,8 @@ ever guessed to be elementwise.
 
 from __future__ import annotations
 
+import contextlib
+
 import operator
 import time
 from typing import Any, Callable
@@ -603,6 +605,32 @@ def trace(model: torch.nn.Module, example_inputs: dict[str, Any] | tuple | None 
     if example_inputs is None:
         example_inputs = default_example_inputs(model, seq_len)
     args, kwargs = (tuple(example_inputs), {}) if isinstance(example_inputs, (tuple, list)) else ((), dict(example_inputs))
+    with _batched_experts(model):
+        return _trace(model, args, kwargs, allow_fallback)
+
+
+@contextlib.contextmanager
+def _batched_experts(model: torch.nn.Module):
+    """Trace transformers' stacked MoE experts through their ``batched_mm`` implementation.
+
+    The ``grouped_mm`` default (what ``from_pretrained`` picks) sorts tokens by expert and calls an
+    opaque custom op, and ``eager`` loops over data-dependent hits: neither has dimension rules.
+    ``batched_mm`` gathers ``W[expert_ids]`` and runs ``bmm``, computes the same function, and is
+    what the expert groups are read from. The model's own setting is restored afterwards.
+    """
+    configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
+               if c is not None and getattr(c, "_experts_implementation", None) not in (None, "batched_mm")}
+    previous = {key: c._experts_implementation for key, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation = "batched_mm"
+        yield
+    finally:
+        for key, c in configs.items():
+            c._experts_implementation = previous[key]
+
+
+def _trace(model, args, kwargs, allow_fallback: bool) -> Graph:
     started = time.perf_counter()
     try:
         with torch.no_grad():

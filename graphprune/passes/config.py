@@ -18,6 +18,8 @@ CHANNEL_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "moe_intermed
                 "shared_expert_intermediate_size", "ffn_hidden_size")
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
+# Routed experts per MoE layer (Mixtral, Qwen-MoE / OLMoE, DeepSeek, ...).
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 OVERRIDES_KEY = "graphprune_layer_overrides"
 
 
@@ -51,24 +53,42 @@ def instantiate(model_class, config, device: str | torch.device = "meta") -> tor
     """Build `model_class(config)` honouring per-layer overrides, without random initialisation."""
     from transformers.initialization import no_init_weights
 
-    overrides = getattr(config, OVERRIDES_KEY, None) or {}
     with torch.device(device), no_init_weights():
         model = model_class(config)
-        if overrides:
-            found = find_blocks(model)
-            if found is None:
-                raise PruningError("per-layer sizes need a model with a list of layers")
-            _, blocks = found
-            for index, values in overrides.items():
-                layer_config = copy.deepcopy(config)
-                setattr(layer_config, OVERRIDES_KEY, None)
-                for key, value in values.items():
-                    setattr(layer_config, key, value)
-                block_class = type(blocks[int(index)])
-                params = inspect.signature(block_class.__init__).parameters
-                blocks[int(index)] = (block_class(layer_config, layer_idx=int(index)) if "layer_idx" in params
-                                      else block_class(layer_config))
+        apply_layer_overrides(model, config)
     return model
+
+
+def apply_layer_overrides(model: torch.nn.Module, config) -> None:
+    """Rebuild the blocks that `graphprune_layer_overrides` gives other sizes (in the current
+    device / init context)."""
+    overrides = getattr(config, OVERRIDES_KEY, None) or {}
+    if not overrides:
+        return
+    found = find_blocks(model)
+    if found is None:
+        raise PruningError("per-layer sizes need a model with a list of layers")
+    _, blocks = found
+    for index, values in overrides.items():
+        layer_config = copy.deepcopy(config)
+        setattr(layer_config, OVERRIDES_KEY, None)
+        for key, value in values.items():
+            setattr(layer_config, key, value)
+        block_class = type(blocks[int(index)])
+        params = inspect.signature(block_class.__init__).parameters
+        blocks[int(index)] = (block_class(layer_config, layer_idx=int(index)) if "layer_idx" in params
+                              else block_class(layer_config))
+
+
+def per_layer_class(model_class):
+    """A subclass of `model_class` whose constructor applies the per-layer overrides, so that
+    transformers' own `from_pretrained` (with its checkpoint key conversions, e.g. Mixtral's
+    per-expert tensors stacked on load) builds and fills a heterogeneous model."""
+    return type(model_class.__name__, (model_class,), {
+        "__init__": lambda self, config, *args, **kwargs: (
+            model_class.__init__(self, config, *args, **kwargs), apply_layer_overrides(self, config))[0],
+        "__module__": model_class.__module__,
+    })
 
 
 class ConfigRewrite:
@@ -110,6 +130,12 @@ class ConfigRewrite:
                     values[_find_key(config, HEAD_KEYS, heads) or "num_attention_heads"] = kept
                     if kv is not None:
                         values[_find_key(config, KV_KEYS, kv) or "num_key_value_heads"] = kept
+            elif g.kind == "expert":
+                key = _find_key(config, EXPERT_KEYS, g.units)
+                if key is None:
+                    raise PruningError(f"no config key holds the {g.units} routed experts of {g.scope}; cannot "
+                                       f"rewrite the config")
+                values[getattr(config, "attribute_map", {}).get(key, key)] = kept
             else:
                 raise PruningError(f"pruning {g.kind} groups is not supported by the HF config rewrite")
         if any(k in HEAD_KEYS for v in layer_values.values() for k in v) and head_dim:
@@ -117,6 +143,11 @@ class ConfigRewrite:
         # Fill untouched layers with the original values so every layer states all keys.
         keys = sorted({k for v in layer_values.values() for k in v})
         originals = {k: getattr(config, k) if getattr(config, k) is not None else _default_of(config, k) for k in keys}
+        # A layer without routed experts (DeepSeek's first dense layers) does not read the expert
+        # count: it takes the MoE layers' value so that uniform MoE layers stay one plain config.
+        for k in keys:
+            if k in EXPERT_KEYS:
+                originals[k] = next(v[k] for _, v in sorted(layer_values.items()) if k in v)
         full = {i: {k: layer_values.get(i, {}).get(k, originals[k]) for k in keys} for i in range(n_layers)}
         distinct = {tuple(sorted(v.items())) for v in full.values()}
         uniform = len(distinct) <= 1

@@ -1,0 +1,92 @@
+"""Routing statistics of every MoE layer over calibration text, from a hook on the experts module.
+
+The experts module receives exactly what routing decided: ``hidden_states`` h_t, ``top_k_index``
+and ``top_k_weights`` g(e, t) (already normalised and scaled the way the family does it), and
+returns the routed output routed_t = Σ_k g·E_k(h_t). The hook adds, per expert, running sums only:
+
+* ``routed[e]``   number of tokens with e among their top-k choices,
+* ``gate_norm[e]`` Σ_{t routed to e} g(e, t)·‖E_e(h_t)‖,
+* ``easyep[e]``   Σ_{t routed to e} g(e, t)·‖E_e(h_t)‖·max(1 − cos(h_t, h_t + routed_t), 0),
+* ``gate[e]``     Σ_{t routed to e} g(e, t).
+
+‖E_e(h_t)‖ is measured by running the experts module once more per top-k slot with that slot's
+expert alone at weight 1, so the family's own expert function (activation, gating) is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .layers import ExpertLayer, routing_forward
+
+
+@dataclass
+class ExpertStats:
+    tokens: int
+    routed: torch.Tensor  # [E] float64
+    gate: torch.Tensor
+    gate_norm: torch.Tensor
+    easyep: torch.Tensor
+
+    @classmethod
+    def empty(cls, experts: int) -> "ExpertStats":
+        zeros = lambda: torch.zeros(experts, dtype=torch.float64)  # noqa: E731
+        return cls(0, zeros(), zeros(), zeros(), zeros())
+
+
+def _routing_args(args: tuple, kwargs: dict):
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
+    return values
+
+
+def collect_expert_stats(model: torch.nn.Module, layers: list[ExpertLayer], batches: torch.Tensor, *,
+                         batch_size: int = 8, progress: bool = True) -> dict[str, ExpertStats]:
+    """Run `batches` ([n, seqlen] token ids) through `model`; returns experts module -> `ExpertStats`."""
+    modules = dict(model.named_modules())
+    stats = {layer.experts: ExpertStats.empty(layer.num_experts) for layer in layers}
+    handles = []
+
+    def make_hook(layer: ExpertLayer):
+        module = modules[layer.experts]
+        forward = routing_forward(module, f"layer {layer.layer} ({layer.scope})")
+        st = stats[layer.experts]
+
+        def hook(mod, args, kwargs, output):
+            hidden, index, weights = _routing_args(args, kwargs)
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            index = index.reshape(hidden.shape[0], -1)
+            weights = weights.reshape(hidden.shape[0], -1).to(torch.float64)
+            ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+            norms = torch.stack([forward(hidden, index[:, k:k + 1], ones).to(torch.float64).norm(dim=-1)
+                                 for k in range(index.shape[1])], dim=1)  # [T, k] = ‖E_{index[t,k]}(h_t)‖
+            h = hidden.to(torch.float64)
+            routed = output.reshape(h.shape).to(torch.float64)
+            cos = torch.nn.functional.cosine_similarity(h, h + routed, dim=-1)
+            change = (1.0 - cos).clamp_min(0.0)  # [T]
+            flat = index.reshape(-1).to(torch.long).cpu()
+            contribution = (weights * norms).cpu()
+            st.tokens += hidden.shape[0]
+            st.routed.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float64))
+            st.gate.index_add_(0, flat, weights.reshape(-1).cpu())
+            st.gate_norm.index_add_(0, flat, contribution.reshape(-1))
+            st.easyep.index_add_(0, flat, (contribution * change.cpu()[:, None]).reshape(-1))
+        return hook
+
+    for layer in layers:
+        handles.append(modules[layer.experts].register_forward_hook(make_hook(layer), with_kwargs=True))
+    body = getattr(model, "base_model", None) or model  # statistics live in the layers: skip the LM head
+    kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, batches.shape[0], batch_size), desc="expert routing", unit="batch",
+                              disable=not progress, leave=False):
+                body(input_ids=batches[start:start + batch_size], **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
