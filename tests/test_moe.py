@@ -14,6 +14,7 @@ the chosen experts are renormalised over the chosen ones only, as in the pruned 
 import contextlib
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -238,3 +239,42 @@ def test_a_router_that_is_not_a_linear_layer_is_refused_naming_the_layer():
 def test_inconsistent_expert_options_are_refused_before_any_work(kwargs, needle):
     with pytest.raises(UserError, match=needle):
         compress("/nonexistent/model", sparsity=0.5, progress=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------- CLI
+def _cli(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "graphprune", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_cli_removes_experts_with_two_calibration_domains_and_the_output_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "mixtral"
+    build_tiny("mixtral")[0].save_pretrained(model_dir)
+    byte_level_tokenizer().save_pretrained(model_dir)
+    news = write_sample_text(tmp_path / "news.txt")
+    code = tmp_path / "code.txt"
+    code.write_text("def add(a, b):\n    return a + b\n" * 200)
+    out = tmp_path / "out"
+    result = _cli("compress", model_dir, "--target", "experts", "--criterion", "reap", "--sparsity", "0.25",
+                  "--calib", news, "--calib", code, "--nsamples", "4", "--seqlen", "32", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "removed 4 of 16 routed experts; kept per layer 6" in result.stdout
+    report = json.loads((out / "graphprune_report.json").read_text())
+    assert report["experts"]["calibration"]["sources"] == [str(news), str(code)]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_local_experts == 6
+    assert reloaded.model.layers[0].mlp.experts.down_proj.shape[0] == 6
+
+
+def test_cli_refuses_experts_on_a_dense_model_in_one_line(tmp_path):
+    from graphprune.testing.fixtures import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    result = _cli("compress", model_dir, "--target", "experts", "--criterion", "reap", "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    assert "no routed experts" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,183 @@
+"""A real-weights MoE for the expert benchmarks: SmolLM2-135M with every FFN split into 8 experts.
+
+No pretrained MoE is available offline, so one is made from a dense model whose quality is known:
+
+1. Calibration activations: for `NSAMPLES` x `SEQLEN` tokens of wiki.train (seed 1234, not the
+   benchmark's calibration windows), each layer's MLP input h_t (post-attention RMSNorm) and FFN
+   activations a_t = silu(gate h_t) * up h_t (1536 channels) are recorded.
+2. Co-activation clustering: channel c is described by |a_{t,c}| over the tokens, L2-normalised,
+   so the dot product of two channels is their co-activation; balanced spherical k-means (on the
+   top-64 singular directions) puts the 1536 channels into 8 experts of 192 channels each.
+3. Router: least squares with a small ridge fits a linear map h_t -> m_t, where m_{t,e} is the
+   output norm of expert e on token t, ‖W_down[:, C_e] a_{t, C_e}‖ (its activation mass). The top-2
+   of the predicted masses route each token.
+4. Written as a Mixtral checkpoint (Mixtral's attention is Llama's: RoPE, GQA 9/3, no biases):
+   gate_up_proj[e] = [W_gate[C_e]; W_up[C_e]], down_proj[e] = 2 * W_down[:, C_e]. Mixtral weights
+   the top-2 outputs by their renormalised softmax probabilities; the router's scale is chosen so
+   those stay near 1/2 each (logit spread `LOGIT_STD`), and the factor 2 makes the layer output
+   close to E_1(h) + E_2(h), the dense FFN restricted to the two routed channel groups.
+
+    python -m bench.moe_fixture          # build (cached) and print its PPL vs dense SmolLM2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import PROTOCOL, data_file
+
+EXPERTS, TOP_K = 8, 2
+NSAMPLES, SEQLEN, SEED = 32, 128, 1234
+LOGIT_STD = 0.25
+VERSION = "v1"
+
+
+def cache_path() -> Path:
+    root = Path(os.environ.get("GRAPHPRUNE_CACHE", Path.home() / ".cache" / "graphprune"))
+    return root / "bench" / f"smollm2-135m-moe{EXPERTS}x{TOP_K}-{VERSION}"
+
+
+def _record(model, batches: torch.Tensor):
+    """Per layer: MLP inputs h [T, H] and FFN activations a [T, I] on the calibration tokens."""
+    hs: dict[int, list[torch.Tensor]] = {}
+    acts: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.mlp.register_forward_pre_hook(
+            lambda m, args, i=i: hs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).detach())))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, args, i=i: acts.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).detach())))
+    try:
+        with torch.no_grad():
+            for start in range(0, batches.shape[0], 8):
+                model.model(input_ids=batches[start:start + 8], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in hs.items()}, {i: torch.cat(v) for i, v in acts.items()}
+
+
+def balanced_clusters(acts: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> list[torch.Tensor]:
+    """k equal-size groups of channels that are active on the same tokens (balanced spherical k-means)."""
+    features = acts.abs().T.double()  # [channels, tokens]
+    features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    u, s, _ = torch.linalg.svd(features - features.mean(0), full_matrices=False)
+    x = u[:, :64] * s[:64]
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n = x.shape[0]
+    size = n // k
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(n, generator=g)[:k]]
+    for _ in range(iters):
+        sim = x @ centroids.T  # [n, k]
+        order = torch.argsort(sim.reshape(-1), descending=True)
+        assign = torch.full((n,), -1, dtype=torch.long)
+        fill = [0] * k
+        placed = 0
+        for flat in order.tolist():  # greedy: best (channel, cluster) pairs first, clusters capped
+            c, e = divmod(flat, k)
+            if assign[c] < 0 and fill[e] < size:
+                assign[c] = e
+                fill[e] += 1
+                placed += 1
+                if placed == n:
+                    break
+        centroids = torch.stack([x[assign == e].mean(0) for e in range(k)])
+        centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return [torch.nonzero(assign == e).reshape(-1) for e in range(k)]
+
+
+def build(force: bool = False) -> Path:
+    out = cache_path()
+    if (out / "config.json").exists() and not force:
+        return out
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from graphprune.data.calibration import load_calibration
+    from graphprune.models import load_model
+    from graphprune.passes.config import instantiate
+
+    started = time.perf_counter()
+    dense = load_model("smollm2-135m")
+    model, tokenizer = dense.model.eval(), dense.tokenizer
+    batches = load_calibration(str(data_file("wiki.train.txt")), tokenizer, nsamples=NSAMPLES, seqlen=SEQLEN,
+                               seed=SEED)
+    hs, acts = _record(model, batches)
+    c = model.config
+    config = MixtralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size // EXPERTS,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
+        num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, sliding_window=None, router_aux_loss_coef=0.0,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        groups = balanced_clusters(acts[i], EXPERTS)
+        a, h = acts[i].double(), hs[i].double()
+        down = mlp.down_proj.weight.double()
+        mass = torch.stack([(a[:, idx] @ down[:, idx].T).norm(dim=1) for idx in groups], dim=1)  # [T, E]
+        ridge = 1e-3 * torch.eye(h.shape[1], dtype=torch.float64) * (h * h).sum(0).mean()
+        fit = torch.linalg.solve(h.T @ h + ridge, h.T @ mass)  # [H, E]
+        logits = h @ fit
+        router = fit.T * (LOGIT_STD / logits.std(dim=1).mean().clamp_min(1e-12))
+        prefix = f"model.layers.{i}.mlp"
+        state[f"{prefix}.gate.weight"] = router.float()
+        state[f"{prefix}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([mlp.gate_proj.weight[idx], mlp.up_proj.weight[idx]]) for idx in groups]).contiguous()
+        state[f"{prefix}.experts.down_proj"] = torch.stack(
+            [TOP_K * mlp.down_proj.weight[:, idx] for idx in groups]).contiguous()
+    moe = instantiate(MixtralForCausalLM, config, device="cpu")  # uninitialised storage, filled below
+    missing, unexpected = moe.load_state_dict(state, strict=False, assign=True)
+    moe.tie_weights()
+    missing = [n for n in missing if n != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"fixture weights do not match Mixtral: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".moe-fixture-", dir=out.parent))
+    try:
+        moe.eval().save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "fixture.json").write_text(json.dumps({
+            "source": "smollm2-135m", "experts": EXPERTS, "top_k": TOP_K, "calibration": {
+                "file": "wiki.train.txt", "nsamples": NSAMPLES, "seqlen": SEQLEN, "seed": SEED},
+            "logit_std": LOGIT_STD, "build_s": round(time.perf_counter() - started, 1)}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    path = build(force="--force" in argv)
+    print(f"fixture: {path} ({time.perf_counter() - started:.0f}s)")
+    from graphprune.data.calibration import read_text_file
+    from graphprune.data.perplexity import perplexity
+    from graphprune.models import load_model
+
+    text = read_text_file(data_file("wiki.test.txt"))
+    for spec in ("smollm2-135m", str(path)):
+        loaded = load_model(spec)
+        t = time.perf_counter()
+        ppl = perplexity(loaded.model, loaded.tokenizer, text, seqlen=PROTOCOL["eval_seqlen"],
+                         windows=PROTOCOL["eval_windows"], progress=False)
+        print(f"{spec}: wiki.test PPL {ppl.ppl:.3f} ({time.perf_counter() - t:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
