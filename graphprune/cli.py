@@ -30,6 +30,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _damping(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 < value <= 10.0:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 10]")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -69,13 +79,14 @@ def cmd_compress(args) -> int:
     experts = {"expert_criterion": args.expert_criterion, "expert_sparsity": args.expert_sparsity,
                "expert_allocation": args.expert_allocation}
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
-                  compensate=args.compensate, round_to=args.round_to, **experts)
+                  compensate=args.compensate, round_to=args.round_to, sequential=args.sequential, **experts)
     loaded = _load(args.model, args)
     out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
                       target=args.target, calib=args.calib or ["default"], nsamples=args.nsamples,
                       seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,
-                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True, **experts)
+                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True,
+                      sequential=args.sequential, damp=args.damp, **experts)
     source_dir = loaded.path if loaded.path.is_dir() else None
     save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
                 force=args.force)
@@ -180,8 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=_positive_int, default=128)
     p.add_argument("--seqlen", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compensate", choices=["none", "bias"], default=None,
-                   help="default: bias for flap, none otherwise")
+    p.add_argument("--compensate", choices=["none", "bias", "lsq"], default=None,
+                   help="what the consumer layers do about removed inputs: bias (FLAP's mean), lsq (least-squares "
+                        "refit of the kept weights and bias); default: bias for flap, lsq for obs, none otherwise")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each layer's compensation on the outputs of the already pruned layers")
+    p.add_argument("--damp", type=_damping, default=0.01,
+                   help="least-squares damping: this fraction of mean(diag H) is added to H (default 0.01)")
     p.add_argument("--round-to", type=_positive_int, default=1, help="keep channel counts a multiple of this")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")

@@ -22,7 +22,8 @@ def register(cls: type[Criterion]) -> type[Criterion]:
 
 
 def _load_builtin() -> None:
-    from . import cfsp, easyep, fisher, flap, frequency, magnitude, random_experts, reap, taylor, wanda_sp  # noqa: F401
+    from . import (cfsp, easyep, fisher, flap, frequency, magnitude, obs, random_experts, reap,  # noqa: F401
+                   taylor, wanda_sp)
 
 
 def _load_entry_points() -> None:
