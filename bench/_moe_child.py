@@ -1,9 +1,11 @@
-"""One expert-pruning configuration in a fresh process: compress the MoE fixture, then evaluate
-perplexity on wiki.test and news. Wall time and peak RSS are taken right after compress (model
-loading included, evaluation excluded)."""
+"""One calibration domain of the expert benchmark in a fresh process: collect the routing
+statistics of the MoE fixture once (timed), then for every (criterion, fraction) prune from those
+same statistics (timed) and evaluate perplexity on wiki.test and news. Peak RSS is the process's
+peak (one fixture plus one pruned model at a time)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import tempfile
@@ -12,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import PROTOCOL, data_file, peak_rss_mb
+from bench.common import data_file, peak_rss_mb
 
-NEWS_CALIB_FROM = 0.35  # calibration uses news.txt from here on; evaluation its first 32 x 512 tokens
+NEWS_CALIB_FROM = 0.35  # calibration uses news.txt from here on; evaluation its first windows
 
 
 def calibration_sources(names: str | None, tmp: Path) -> list[str]:
@@ -33,33 +35,50 @@ def calibration_sources(names: str | None, tmp: Path) -> list[str]:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(int(spec.get("threads", 2)))
-    started = time.perf_counter()
     from bench.moe_fixture import cache_path
-    from graphprune.data.calibration import read_text_file
+    from graphprune.data.calibration import load_calibration, needs_bos, read_text_file
     from graphprune.data.perplexity import perplexity
+    from graphprune.graph import analyze
     from graphprune.models import load_model
-    from graphprune.pipeline import compress
+    from graphprune.moe import collect_expert_stats, find_expert_layers, prune_experts
 
-    loaded = load_model("smollm2-135m" if spec["criterion"] == "dense-smollm2" else str(cache_path()))
-    out = {**spec}
-    if spec["criterion"].startswith("dense"):
-        model = loaded.model
-    else:
+    started = time.perf_counter()
+    loaded = load_model("smollm2-135m" if spec.get("dense") == "smollm2" else str(cache_path()))
+    texts = {key: read_text_file(data_file(name)) for key, name in (("wiki", "wiki.test.txt"), ("news", "news.txt"))}
+
+    def evaluate(model) -> dict:
+        return {f"ppl_{k}": perplexity(model, loaded.tokenizer, text, seqlen=spec["eval_seqlen"],
+                                       windows=spec["eval_windows"], progress=False).ppl for k, text in texts.items()}
+
+    if spec.get("dense"):
+        print(json.dumps({"criterion": f"dense {spec['dense']}", **evaluate(loaded.model)}), flush=True)
+        return
+    model = loaded.model
+    groups = analyze(model)
+    layers = find_expert_layers(model, groups)
+    stats, calib_s = None, 0.0
+    if spec.get("calib"):
+        t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            result = compress(loaded, target="experts", criterion=spec["criterion"], sparsity=spec["sparsity"],
-                              calib=calibration_sources(spec.get("calib"), Path(tmp)) or "default",
-                              nsamples=PROTOCOL["calib_nsamples"], seqlen=PROTOCOL["calib_seqlen"],
-                              seed=PROTOCOL["seed"], progress=False, release_input=True)
-        model = result.model
-        kept = set(result.report["experts"]["kept_per_layer"].values())
-        out.update(kept=kept.pop() if len(kept) == 1 else "varies", stages=result.report["timings_s"])
-    out["compress_s"] = time.perf_counter() - started
-    out["peak_rss_mb"] = peak_rss_mb()
-    for key, name in (("ppl_wiki", "wiki.test.txt"), ("ppl_news", "news.txt")):
-        text = read_text_file(data_file(name))
-        out[key] = perplexity(model, loaded.tokenizer, text, seqlen=PROTOCOL["eval_seqlen"],
-                              windows=PROTOCOL["eval_windows"], progress=False).ppl
-    print(json.dumps(out), flush=True)
+            domains = []
+            for source in calibration_sources(spec["calib"], Path(tmp)):
+                batches = load_calibration(source, loaded.tokenizer, nsamples=spec["nsamples"], seqlen=spec["seqlen"],
+                                           seed=spec["seed"], add_bos=needs_bos(model))
+                domains.append(collect_expert_stats(model, layers, batches, progress=False))
+        stats = {layer.experts: [d[layer.experts] for d in domains] for layer in layers}
+        calib_s = time.perf_counter() - t
+    setup_s = time.perf_counter() - started
+    for run in spec["runs"]:
+        t = time.perf_counter()
+        result = prune_experts(model, groups, criterion=run["criterion"], sparsity=run["sparsity"],
+                               routing_stats=stats, seed=spec["seed"], progress=False)
+        kept = set(result.report["kept_per_layer"].values())
+        row = {**run, "calib": spec.get("calib"), "kept": kept.pop() if len(kept) == 1 else "varies",
+               "calib_s": calib_s, "setup_s": setup_s, "prune_s": time.perf_counter() - t,
+               **evaluate(result.model), "peak_rss_mb": peak_rss_mb()}
+        print(json.dumps(row), flush=True)
+        del result
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -1,54 +1,67 @@
 """Issue 4 benchmark: expert pruning of a real-weights MoE (SmolLM2-135M split into 8 experts, top-2;
 see bench/moe_fixture.py). Removes 25% and 50% of the routed experts of every layer with easyep,
 reap, frequency and random, calibrated on wiki (wiki.train) and on news, and reports perplexity on
-wiki.test and on news, wall time and peak RSS of the compress run (each run in a fresh process).
+wiki.test and on news.
 
 News is both a calibration and an evaluation domain, so it is split: perplexity on the first
-32 x 512 tokens of news.txt, calibration windows from its last 65% (disjoint text).
+windows of news.txt, calibration windows from its last 65% (disjoint text). One child process per
+calibration domain collects the routing statistics once ("calib s") and prunes every criterion and
+fraction from them ("prune s": scoring, allocation, rewrite); peak RSS is that process's peak.
 
-    python -m bench.moe_experts                      # the full grid
-    python -m bench.moe_experts easyep:0.5:news      # selected runs (criterion:sparsity:calib)
+Defaults are reduced from BENCHMARKS.md so the grid fits a shared 2-core machine: calibration
+64 x 128 tokens, evaluation 8 windows of 512 tokens per domain (--full: 128 x 128 and 32 windows).
+
+    python -m bench.moe_experts [--full]
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import markdown_table, run_child
+from bench.common import PROTOCOL, ROOT, markdown_table
 
 CRITERIA = ("easyep", "reap", "frequency")
-GRID = ([{"criterion": "dense-smollm2"}, {"criterion": "dense-moe"}]
-        + [{"criterion": c, "sparsity": s, "calib": d} for s in (0.25, 0.5) for c in CRITERIA
-           for d in ("wiki", "news")]
-        + [{"criterion": "random", "sparsity": s, "calib": None} for s in (0.25, 0.5)]
-        + [{"criterion": "easyep", "sparsity": s, "calib": "wiki+news"} for s in (0.25, 0.5)])
+FRACTIONS = (0.25, 0.5)
 
 
-def parse(arg: str) -> dict:
-    c, s, *d = arg.split(":")
-    return {"criterion": c, "sparsity": float(s), "calib": d[0] if d else "wiki"}
+def children(full: bool) -> list[dict]:
+    sizes = {"nsamples": PROTOCOL["calib_nsamples"] if full else 64, "seqlen": PROTOCOL["calib_seqlen"],
+             "seed": PROTOCOL["seed"], "eval_seqlen": PROTOCOL["eval_seqlen"],
+             "eval_windows": PROTOCOL["eval_windows"] if full else 8}
+    runs = [{"criterion": c, "sparsity": s} for s in FRACTIONS for c in CRITERIA]
+    return ([{**sizes, "dense": "smollm2"}, {**sizes, "dense": "moe"}]
+            + [{**sizes, "calib": d, "runs": runs} for d in ("wiki", "news")]
+            + [{**sizes, "calib": "wiki+news", "runs": [{"criterion": "easyep", "sparsity": s} for s in FRACTIONS]},
+               {**sizes, "calib": None, "runs": [{"criterion": "random", "sparsity": s} for s in FRACTIONS]}])
 
 
 def main(argv: list[str]) -> None:
     from bench.moe_fixture import build
 
-    build()  # once, outside the timed children
-    grid = [parse(a) for a in argv] if argv else GRID
-    results_dir = Path(__file__).resolve().parent / "results"
-    results_dir.mkdir(exist_ok=True)
+    build()  # once, outside the measured children
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
     rows = []
-    with open(results_dir / "moe_experts.jsonl", "a") as log:
-        for spec in grid:
-            row = run_child("bench._moe_child", spec, timeout=3600)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    with open(results / "moe_experts.jsonl", "a") as log:
+        for spec in children("--full" in argv):
+            proc = subprocess.run([sys.executable, "-m", "bench._moe_child", json.dumps(spec)], cwd=ROOT,
+                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+            if proc.returncode != 0:
+                lines.append({"criterion": "error", "calib": spec.get("calib"),
+                              "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]})
+            for row in lines:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                print(json.dumps(row), file=sys.stderr, flush=True)
+            rows += lines
     print(markdown_table(rows, [("criterion", "criterion"), ("removed", "sparsity"), ("calibration", "calib"),
                                 ("experts kept/layer", "kept"), ("PPL wiki.test", "ppl_wiki"),
-                                ("PPL news", "ppl_news"), ("compress s", "compress_s"),
+                                ("PPL news", "ppl_news"), ("calib s", "calib_s"), ("prune s", "prune_s"),
                                 ("peak RSS MB", "peak_rss_mb"), ("error", "error")]))
 
 

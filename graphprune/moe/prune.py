@@ -139,9 +139,12 @@ def choose_removed(layer: ExpertLayer, scores: np.ndarray, count: int) -> np.nda
 
 def score_experts(model: torch.nn.Module, layers: list[ExpertLayer], scorer: ExpertCriterion, *,
                   calib: Sequence[str], tokenizer: Any, nsamples: int, seqlen: int, seed: int, batch_size: int,
-                  progress: bool) -> dict[int, np.ndarray]:
+                  progress: bool, routing_stats: dict[str, list[ExpertStats]] | None = None
+                  ) -> dict[int, np.ndarray]:
     domains: dict[str, list[ExpertStats]] = {layer.experts: [] for layer in layers}
-    if scorer.needs:
+    if routing_stats is not None:
+        domains.update(routing_stats)
+    elif scorer.needs:
         if tokenizer is None:
             raise UserError(f"criterion '{scorer.name}' needs calibration text but the model has no tokenizer")
         from ..data.calibration import load_calibration, needs_bos
@@ -164,9 +167,12 @@ def score_experts(model: torch.nn.Module, layers: list[ExpertLayer], scorer: Exp
 def prune_experts(model: torch.nn.Module, groups: GroupSet, *, criterion: str = "easyep", sparsity: float,
                   allocation: str = "uniform", calib: Sequence[str] = ("default",), tokenizer: Any = None,
                   nsamples: int = 128, seqlen: int = 128, seed: int = 0, batch_size: int = 8, progress: bool = True,
-                  criterion_options: dict | None = None, release_input: bool = False) -> ExpertPruning:
+                  criterion_options: dict | None = None, release_input: bool = False,
+                  routing_stats: dict[str, list[ExpertStats]] | None = None) -> ExpertPruning:
     """Remove `sparsity` of the routed experts of every MoE layer of `model` (already analysed into
-    `groups`); returns the rebuilt model. The input is left as it was unless `release_input`."""
+    `groups`); returns the rebuilt model. The input is left as it was unless `release_input`.
+    `routing_stats` (experts module -> one `ExpertStats` per domain, from `collect_expert_stats`)
+    skips calibration, e.g. to compare criteria on the same statistics."""
     from ..pipeline import rewrite
 
     timings: dict[str, float] = {}
@@ -176,7 +182,8 @@ def prune_experts(model: torch.nn.Module, groups: GroupSet, *, criterion: str = 
     plan_counts(layers, sparsity, allocation)  # refuse impossible requests before calibrating
     t = time.perf_counter()
     scores = score_experts(model, layers, scorer, calib=list(calib), tokenizer=tokenizer, nsamples=nsamples,
-                           seqlen=seqlen, seed=seed, batch_size=batch_size, progress=progress)
+                           seqlen=seqlen, seed=seed, batch_size=batch_size, progress=progress,
+                           routing_stats=routing_stats)
     timings["calibration"] = time.perf_counter() - t
     counts = plan_counts(layers, sparsity, allocation, scores)
     removed = {layer.group.id: choose_removed(layer, scores[layer.layer], counts[layer.layer]) for layer in layers}
