@@ -67,11 +67,12 @@ def cmd_compress(args) -> int:
     from .pipeline import check_options, compress
 
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
-                  compensate=args.compensate, round_to=args.round_to)
+                  compensate=args.compensate, round_to=args.round_to, calib_general=args.calib_general)
     loaded = _load(args.model, args)
     out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
-                      target=args.target, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                      target=args.target, calib=args.calib, calib_general=args.calib_general,
+                      nsamples=args.nsamples, seqlen=args.seqlen,
                       seed=args.seed, compensate=args.compensate, round_to=args.round_to,
                       progress=not args.quiet, use_cache=not args.no_cache, release_input=True)
     source_dir = loaded.path if loaded.path.is_dir() else None
@@ -97,10 +98,13 @@ def cmd_compress(args) -> int:
 def cmd_eval(args) -> int:
     from .data.calibration import read_text_file
     from .data.perplexity import perplexity
+    from .embedding import is_encoder
 
     loaded = _load(args.model, args)
     if loaded.model is None or loaded.tokenizer is None:
         raise UserError("eval needs a PyTorch language model with a tokenizer")
+    if is_encoder(loaded.model):
+        return _eval_retrieval(loaded, args)
     text = read_text_file(args.data)
     result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=args.seqlen, windows=args.windows,
                         progress=not args.quiet)
@@ -109,6 +113,22 @@ def cmd_eval(args) -> int:
                           "seqlen": args.seqlen}))
     else:
         print(f"perplexity {result.ppl:.4f} over {result.windows} windows of {args.seqlen} tokens")
+    return 0
+
+
+def _eval_retrieval(loaded, args) -> int:
+    """Embedding models: retrieval over the evaluation side of the pair split of --data."""
+    from .data.pairs import load_pairs
+    from .embedding import pooling_of, retrieval
+
+    pairs = load_pairs(args.data, "all" if args.all_pairs else "evaluation", limit=args.pairs, seed=0)
+    pooling = pooling_of(loaded.path if loaded.path.is_dir() else None)
+    result = retrieval(loaded.model, loaded.tokenizer, pairs, pooling, max_length=args.seqlen)
+    if args.json:
+        print(json.dumps({"recall_at_1": result.recall_at_1, "mrr": result.mrr, "pairs": result.pairs,
+                          "split": "all" if args.all_pairs else "evaluation", "pooling": pooling.mode}))
+    else:
+        print(f"retrieval over {result.pairs} pairs: recall@1 {result.recall_at_1:.4f}, MRR {result.mrr:.4f}")
     return 0
 
 
@@ -149,13 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--criterion", default="flap")
     p.add_argument("--sparsity", type=_fraction, default=0.2, help="fraction of layer parameters to remove")
-    p.add_argument("--allocation", default="global", choices=["uniform", "global", "cfsp"])
+    p.add_argument("--allocation", default=None, choices=["uniform", "global", "cfsp"],
+                   help="default: global for decoders, uniform for encoders (keeps shapes AutoModel can load)")
     p.add_argument("--target", default=None,
                    help="comma list of: channels, heads (whole KV groups under GQA), query-heads; default: "
                         "channels,heads where the config can express head removal, else channels")
-    p.add_argument("--calib", default="default", help="text file, 'default' (bundled excerpt) or hf:dataset")
-    p.add_argument("--nsamples", type=_positive_int, default=128)
-    p.add_argument("--seqlen", type=_positive_int, default=128)
+    p.add_argument("--calib", default="default",
+                   help="text file, 'default' (bundled excerpt) or hf:dataset; encoders: a .jsonl/.tsv pair file "
+                        "or a text to derive (first sentence, rest of paragraph) pairs from")
+    p.add_argument("--calib-general", default=None,
+                   help="gaprune: the general-domain set beside the --calib domain set (same formats)")
+    p.add_argument("--nsamples", type=_positive_int, default=128, help="windows (decoders) or pairs (encoders)")
+    p.add_argument("--seqlen", type=_positive_int, default=128, help="tokens per window, or per text (encoders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compensate", choices=["none", "bias"], default=None,
                    help="default: bias for flap, none otherwise")
@@ -166,11 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("eval", help="perplexity of a causal LM on a text file")
+    p = sub.add_parser("eval", help="perplexity of a causal LM, or retrieval (recall@1, MRR) of an embedding model")
     model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--data", required=True, help="text file; encoders: also a .jsonl/.tsv pair file")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (or per text, encoders)")
     p.add_argument("--windows", type=_positive_int, default=32)
+    p.add_argument("--pairs", type=_positive_int, default=None,
+                   help="encoders: evaluate at most this many pairs (default: all of the evaluation split)")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="encoders: use every pair of --data, not only the evaluation side of the split")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)

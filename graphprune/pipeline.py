@@ -118,50 +118,19 @@ def select_groups(groups: GroupSet, target: str) -> list[Group]:
     return chosen
 
 
-def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_size: int, progress: bool):
-    """Per unit of every chosen group: Σ_batches s_b and Σ_batches s_b² with s_b = Σ_unit w·∂L/∂w."""
-    from tqdm.auto import tqdm
-
-    params = dict(model.named_parameters())
-    stats = {g.id: {"sum": np.zeros(g.units), "sumsq": np.zeros(g.units), "batches": 0} for g in chosen}
-    was_training = model.training
-    model.eval()
-    needed = {s.param for g in chosen for s in g.slices}
-    for name, p in params.items():
-        p.requires_grad_(name in needed)
-    try:
-        for start in tqdm(range(0, batches.shape[0], batch_size), desc="gradients", disable=not progress, leave=False):
-            chunk = batches[start:start + batch_size]
-            model.zero_grad(set_to_none=True)
-            out = model(input_ids=chunk, labels=chunk)
-            out.loss.backward()
-            for g in chosen:
-                per_unit = torch.zeros(g.units, dtype=torch.float64)
-                for s in g.slices:
-                    p = params[s.param]
-                    if p.grad is None:
-                        continue
-                    wg = (p.detach() * p.grad).to(torch.float64).movedim(s.axis, 0)
-                    idx = torch.as_tensor(s.indices)
-                    per_unit += wg[idx.reshape(-1)].reshape(g.units, -1).sum(1)
-                stats[g.id]["sum"] += per_unit.numpy()
-                stats[g.id]["sumsq"] += (per_unit ** 2).numpy()
-                stats[g.id]["batches"] += 1
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p in params.values():
-            p.requires_grad_(False)
-        model.train(was_training)
-    return stats
-
-
-def check_options(*, criterion: str, sparsity: float, allocation: str, target: str | None, compensate: str | None,
-                  round_to: int = 1) -> str:
+def check_options(*, criterion: str, sparsity: float, allocation: str | None, target: str | None,
+                  compensate: str | None, round_to: int = 1, calib_general: str | None = None) -> str:
     """Validate the options before any expensive work; returns the effective compensation."""
     if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not (0.0 < float(sparsity) < 1.0):
         raise UserError(f"--sparsity must be a number strictly between 0 and 1, got {sparsity}")
-    criteria_mod.get(criterion)
-    if allocation not in alloc_mod.ALLOCATIONS:
+    two_sets = "general_gradients" in criteria_mod.get(criterion).needs
+    if two_sets and calib_general is None:
+        raise UserError(f"criterion '{criterion}' compares a domain and a general calibration set: give the general "
+                        f"one with --calib-general FILE (and the domain one with --calib)")
+    if not two_sets and calib_general is not None:
+        raise UserError(f"--calib-general is only used by criteria that compare two calibration sets (gaprune), "
+                        f"not by '{criterion}'")
+    if allocation is not None and allocation not in alloc_mod.ALLOCATIONS:
         raise UserError(f"unknown --allocation '{allocation}' (choose from {', '.join(alloc_mod.ALLOCATIONS)})")
     for part in [t.strip() for t in (target or DEFAULT_TARGET).split(",") if t.strip()] or [""]:
         if part not in TARGETS:
@@ -175,12 +144,20 @@ def check_options(*, criterion: str, sparsity: float, allocation: str, target: s
     return compensate
 
 
-def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allocation: str = "global",
-             target: str | None = None, calib: str = "default", nsamples: int = 128, seqlen: int = 128,
+def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allocation: str | None = None,
+             target: str | None = None, calib: str = "default", calib_general: str | None = None,
+             nsamples: int = 128, seqlen: int = 128,
              seed: int = 0, compensate: str | None = None, round_to: int = 1, floor: int = 1,
              batch_size: int = 8, progress: bool = True, tokenizer: Any = None, use_cache: bool = True,
-             criterion_options: dict | None = None, release_input: bool = False) -> CompressResult:
+             criterion_options: dict | None = None, release_input: bool = False,
+             pair_batch: int = 16) -> CompressResult:
     """Prune `model` (an alias, a path, a LoadedModel or an HF nn.Module) and return the smaller model.
+
+    Embedding models (encoders) calibrate on (query, positive) pairs: `calib` (and for gaprune
+    `calib_general`) name pair files or texts to derive pairs from, `nsamples` is the number of
+    pairs, `seqlen` the tokens per text, `pair_batch` the pairs per InfoNCE batch. Allocation
+    defaults to `global` for decoders and `uniform` for encoders, whose output then keeps shapes
+    that plain `AutoModel` / `SentenceTransformer` can load.
 
     Nothing is written here: `save_pruned` writes the result atomically. The input model is left
     as it was unless `release_input=True`, which lets the pruned parameters of the input be freed
@@ -189,13 +166,19 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     timings: dict[str, float] = {}
     started = time.perf_counter()
     compensate = check_options(criterion=criterion, sparsity=sparsity, allocation=allocation, target=target,
-                               compensate=compensate, round_to=round_to)
+                               compensate=compensate, round_to=round_to, calib_general=calib_general)
     scorer = criteria_mod.get(criterion, **(criterion_options or {}))
 
     loaded, model, tokenizer = resolve_model(model, tokenizer)
     if model is None:
         raise UserError("compress needs a PyTorch model here (ONNX-native pruning is not available yet)")
     model.eval()
+    from .embedding import is_encoder, pooling_of
+
+    encoder = is_encoder(model)
+    pooling = pooling_of(loaded.path if loaded is not None and loaded.path.is_dir() else None) if encoder else None
+    if allocation is None:
+        allocation = "uniform" if encoder else "global"
     timings["load"] = time.perf_counter() - started
 
     t = time.perf_counter()
@@ -215,16 +198,20 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
         needs = needs | {"block_angles"}
     calibration: Calibration | None = None
     unit_grads: dict = {}
+    general_grads: dict = {}
+    alignment: dict = {}
     calib_note = None
     if needs:
         t = time.perf_counter()
         if tokenizer is None:
             raise UserError(f"criterion '{criterion}' needs calibration text but the model has no tokenizer")
-        from .data.calibration import load_calibration, needs_bos
+        from .calibration_sets import calibration_set
 
-        batches = load_calibration(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                   add_bos=needs_bos(model))
-        calib_note = {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        set_options = dict(encoder=encoder, pooling=pooling, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           batch_size=pair_batch if encoder else max(1, batch_size // 2))
+        domain = calibration_set(model, tokenizer, calib, **set_options)
+        batches = domain.windows
+        calib_note = dict(domain.note)
         if needs & {"activations", "block_angles"}:
             modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g)})
             key = cache_key("stats-v1", _fingerprint(model), calib_note, modules, "block_angles" in needs)
@@ -237,12 +224,23 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
             else:
                 calib_note["cached"] = True
         if "gradients" in needs:
-            unit_grads = _unit_gradients(model, batches, chosen, max(1, batch_size // 2), progress)
+            from .gradients import gradient_terms
+
+            general = calibration_set(model, tokenizer, calib_general, **set_options) if calib_general else None
+            key = cache_key("grads-v1", _fingerprint(model), domain.note, general and general.note,
+                            set_options["batch_size"], [(g.id, g.units) for g in chosen])
+            terms = gradient_terms(model, chosen, domain.steps, general and general.steps, progress=progress,
+                                   cache_key=key if use_cache else None)
+            unit_grads, general_grads, alignment = terms.domain, terms.general, terms.alignment
+            calib_note = {**calib_note, "mean_loss": round(terms.mean_loss["domain"], 6),
+                          **({"gradients_cached": True} if terms.cached else {})}
+            if general is not None:
+                calib_note["general"] = {**general.note, "mean_loss": round(terms.mean_loss["general"], 6)}
         timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
     params = _all_params(model)
-    ctx = ScoringContext(model, groups, params, calibration, unit_grads)
+    ctx = ScoringContext(model, groups, params, calibration, unit_grads, general_grads, alignment)
     scores: dict[str, np.ndarray] = {}
     comparable: dict[str, np.ndarray] = {}
     for g in chosen:
@@ -256,6 +254,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
             ranked = scorer.global_score(g, ctx, scores[g.id])
             if ranked is not None:
                 comparable[g.id] = np.asarray(ranked, dtype=np.float64)
+    diagnostics = scorer.diagnostics(chosen, ctx)
     timings["scoring"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -282,7 +281,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
         "model": getattr(loaded, "name", type(model).__name__) if loaded else type(model).__name__,
         "criterion": criterion, "criterion_options": criterion_options or {}, "allocation": allocation,
         "target": target, "target_note": target_note, "compensate": compensate, "requested_sparsity": float(sparsity), "seed": seed,
-        "calibration": calib_note,
+        "calibration": calib_note, "criterion_diagnostics": diagnostics,
         "params": {"before": before, "after": after, "layers_before": total_layer_params, "layers_after": layer_after,
                    "achieved_sparsity": (total_layer_params - layer_after) / total_layer_params},
         "flops_per_token": {"before": flops_before, "after": flops_before - flops_removed},

@@ -17,7 +17,8 @@ from graphprune.data.calibration import load_calibration
 from graphprune.export import load_pruned, save_pruned
 from graphprune.graph import analyze
 from graphprune.passes import BiasCompensation
-from graphprune.pipeline import _all_params, _unit_gradients, compress, rewrite
+from graphprune.gradients import lm_steps, unit_gradients
+from graphprune.pipeline import _all_params, compress, rewrite
 from graphprune.testing.fixtures import byte_level_tokenizer, tiny_llama, write_sample_text
 
 
@@ -61,7 +62,7 @@ def context(model, batches):
     chosen = [g for g in groups if g.prunable]
     modules = sorted({s.param.rsplit(".", 1)[0] for g in chosen for s in g.slices if s.role == "linear.in"})
     calibration = collect(model, batches, input_modules=modules, block_angles=True, progress=False)
-    grads = _unit_gradients(model, batches, chosen, batch_size=4, progress=False)
+    grads = unit_gradients(model, lm_steps(model, batches, 4), chosen).units
     return ScoringContext(model, groups, _all_params(model), calibration, grads), groups
 
 
