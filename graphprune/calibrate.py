@@ -132,8 +132,6 @@ def cache_dir() -> Path:
 
 def save_cached(key: str, calib: Calibration) -> None:
     """Keep statistics so re-pruning at another sparsity skips calibration (safetensors, no pickle)."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, st in calib.inputs.items():
         tensors[f"in/{name}/sum"] = st.sum
@@ -142,6 +140,13 @@ def save_cached(key: str, calib: Calibration) -> None:
     for index, angle in calib.block_angle.items():
         tensors[f"angle/{index}"] = torch.tensor([angle], dtype=torch.float64)
     tensors["tokens"] = torch.tensor([calib.tokens], dtype=torch.int64)
+    write_cache_entry(key, tensors)
+
+
+def write_cache_entry(key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Store named tensors under `key` (safetensors, written to a temp file and renamed)."""
+    from safetensors.torch import save_file
+
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{key}.{os.getpid()}.tmp"
@@ -149,15 +154,22 @@ def save_cached(key: str, calib: Calibration) -> None:
     os.replace(tmp, directory / f"{key}.safetensors")
 
 
-def load_cached(key: str) -> Calibration | None:
+def read_cache_entry(key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors stored under `key`, or None when absent or unreadable."""
     from safetensors.torch import load_file
 
     path = cache_dir() / f"{key}.safetensors"
     if not path.exists():
         return None
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+        return None
+
+
+def load_cached(key: str) -> Calibration | None:
+    tensors = read_cache_entry(key)
+    if tensors is None:
         return None
     calib = Calibration(tokens=int(tensors.pop("tokens")[0]))
     for key_name, value in tensors.items():

@@ -68,6 +68,11 @@ def cmd_compress(args) -> int:
 
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
                   compensate=args.compensate, round_to=args.round_to, calib_general=args.calib_general)
+    from .data.pairs import PAIR_FILE_SUFFIXES, read_pairs
+
+    for source in (args.calib, args.calib_general):
+        if source and Path(source).suffix.lower() in PAIR_FILE_SUFFIXES:
+            read_pairs(source)  # a malformed pair file fails in a second, before the model loads
     loaded = _load(args.model, args)
     out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,

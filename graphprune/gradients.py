@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .calibrate import read_cache_entry, write_cache_entry
 from .graph.groups import Group
 
 LossStep = Callable[[], torch.Tensor]
@@ -139,12 +140,6 @@ def gradient_terms(model: torch.nn.Module, chosen: list[Group], domain_steps: Se
 
 
 def _save_terms(key: str, terms: GradientTerms) -> None:
-    import os
-
-    from safetensors.torch import save_file
-
-    from .calibrate import cache_dir
-
     tensors = {}
     for which, table in (("domain", terms.domain), ("general", terms.general)):
         for gid, st in table.items():
@@ -155,24 +150,12 @@ def _save_terms(key: str, terms: GradientTerms) -> None:
         tensors[f"alignment/{gid}"] = torch.from_numpy(np.asarray(values, dtype=np.float64))
     for which, loss in terms.mean_loss.items():
         tensors[f"loss/{which}"] = torch.tensor([loss], dtype=torch.float64)
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{key}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, directory / f"{key}.safetensors")
+    write_cache_entry(key, tensors)
 
 
 def _load_terms(key: str, chosen: list[Group]) -> GradientTerms | None:
-    from safetensors.torch import load_file
-
-    from .calibrate import cache_dir
-
-    path = cache_dir() / f"{key}.safetensors"
-    if not path.exists():
-        return None
-    try:
-        tensors = load_file(str(path))
-    except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+    tensors = read_cache_entry(key)
+    if tensors is None:
         return None
     terms = GradientTerms({})
     for name, value in tensors.items():
