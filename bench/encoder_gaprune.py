@@ -17,6 +17,7 @@ gradient statistics, marked "cached").
     python -m bench.encoder_gaprune                        # the full grid
     python -m bench.encoder_gaprune gaprune:0.3 fisher:0.5 # selected runs
     python -m bench.encoder_gaprune gaprune:0.3:general_weight=1,alignment_weight=0.5
+    python -m bench.encoder_gaprune public-alignment       # the public code's alignment term, measured
 """
 
 from __future__ import annotations
@@ -81,9 +82,43 @@ def child(spec: dict) -> None:
     print(json.dumps(out), flush=True)
 
 
+def public_alignment_scale(pairs: int = 64) -> None:
+    """How large the public code's element-wise alignment gets on MiniLM's FFN weights: a = ĝ_G ⊙ ĝ_D
+    with each gradient scaled to unit norm over its whole tensor (before their 3x3 smoothing, which
+    can only shrink it), entering the score as clamp(1 + 0.2·a, 0.8, 1.2); beside it the per-unit
+    cosine gaprune uses."""
+    import numpy as np
+
+    from graphprune.calibration_sets import calibration_set
+    from graphprune.embedding import pooling_of
+    from graphprune.graph import analyze
+    from graphprune.gradients import unit_alignment, unit_gradients
+    from graphprune.models import load_model
+
+    loaded = load_model("minilm-l6")
+    chosen = [g for g in analyze(loaded.model) if g.kind == "channel"]
+    options = dict(encoder=True, pooling=pooling_of(loaded.path), nsamples=pairs, seqlen=CALIB["seqlen"], seed=0,
+                   batch_size=CALIB["pair_batch"])
+    sums = [unit_gradients(loaded.model, calibration_set(loaded.model, loaded.tokenizer, str(data_file(f)),
+                                                         **options).steps, chosen, keep_gradients=True).gradient_sums
+            for f in ("pydoc.txt", "wiki.train.txt")]
+    for name in sorted(sums[0]):
+        if not name.endswith("weight"):
+            continue
+        a = (sums[0][name] / sums[0][name].norm()) * (sums[1][name] / sums[1][name].norm())
+        factor = (1 + 0.2 * a).clamp(0.8, 1.2)
+        print(f"{name}: {a.numel()} weights, max |a| {a.abs().max():.3g}, mean |a| {a.abs().mean():.3g}, "
+              f"alignment factor in [{factor.min():.8f}, {factor.max():.8f}]")
+    cosines = np.concatenate(list(unit_alignment(chosen, sums[0], sums[1]).values()))
+    print(f"per-unit cosine (gaprune): mean |A| {np.abs(cosines).mean():.3g}, range [{cosines.min():.3g}, "
+          f"{cosines.max():.3g}] over {cosines.size} FFN channels ({pairs} pairs per set)")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) == 1 and argv[0].startswith("{"):
         return child(json.loads(argv[0]))
+    if argv == ["public-alignment"]:
+        return public_alignment_scale()
     for name in ("pydoc.txt", "wiki.train.txt", "wiki.test.txt"):
         data_file(name)
     grid = [parse(a) for a in argv] if argv else GRID
