@@ -9,11 +9,9 @@ on wiki.train. JSON lines go to bench/results/calibration_free.jsonl.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from bench.common import DENSE_PPL_REFERENCE, data_file, markdown_table, run_child
+from bench.common import run_grid
 
 GRID = [f"{c}:{a}:{s}:{cal}" for s in (0.2, 0.5)
         for c, a, cals in (("magnitude", "global", ("none",)), ("spectral", "global", ("none",)),
@@ -31,26 +29,10 @@ def parse(arg: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    data_file("wiki.train.txt")
-    data_file("wiki.test.txt")
-    grid = [parse(a) for a in (argv or GRID)]
-    results_dir = Path(__file__).resolve().parent / "results"
-    results_dir.mkdir(exist_ok=True)
-    rows = []
-    with open(results_dir / "calibration_free.jsonl", "a") as log:
-        for spec in grid:
-            row = run_child("bench._compress_child", spec)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if row.get("ppl"):
-                row["x_dense"] = row["ppl"] / DENSE_PPL_REFERENCE
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"dense PPL (BENCHMARKS.md protocol): {DENSE_PPL_REFERENCE}")
-    print(markdown_table(rows, [("criterion", "criterion"), ("allocation", "allocation"), ("sparsity", "sparsity"),
-                                ("calibration", "calib_name"), ("achieved", "achieved"), ("PPL", "ppl"),
-                                ("× dense", "x_dense"), ("compress s", "compress_s"), ("peak RSS MB", "peak_rss_mb"),
-                                ("error", "error")]))
+    run_grid("calibration_free", [parse(a) for a in (argv or GRID)], [
+        ("criterion", "criterion"), ("allocation", "allocation"), ("sparsity", "sparsity"), ("calibration", "calib_name"),
+        ("achieved", "achieved"), ("PPL", "ppl"), ("× dense", "x_dense"), ("compress s", "compress_s"),
+        ("peak RSS MB", "peak_rss_mb"), ("error", "error")])
 
 
 if __name__ == "__main__":
