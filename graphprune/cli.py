@@ -30,6 +30,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _damping(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 < value <= 10.0:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 10]")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -67,7 +77,8 @@ def cmd_compress(args) -> int:
     from .pipeline import check_options, compress
 
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
-                  compensate=args.compensate, round_to=args.round_to, calib_general=args.calib_general)
+                  compensate=args.compensate, round_to=args.round_to, sequential=args.sequential,
+                  calib_general=args.calib_general)
     from .data.pairs import PAIR_FILE_SUFFIXES, read_pairs
 
     for source in (args.calib, args.calib_general):
@@ -79,7 +90,8 @@ def cmd_compress(args) -> int:
                       target=args.target, calib=args.calib, calib_general=args.calib_general,
                       nsamples=args.nsamples, seqlen=args.seqlen,
                       seed=args.seed, compensate=args.compensate, round_to=args.round_to,
-                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True)
+                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True,
+                      sequential=args.sequential, damp=args.damp)
     source_dir = loaded.path if loaded.path.is_dir() else None
     save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
                 force=args.force)
@@ -91,6 +103,11 @@ def cmd_compress(args) -> int:
           f"{r['flops_per_token']['after']:.3g}")
     if r.get("target_note"):
         print(f"note: {r['target_note']}")
+    if args.calib == "none":
+        cal = r.get("calibration")
+        print("calibration: none needed (weight-only criterion and compensation)" if cal is None else
+              f"calibration: --calib none, so the model generated its own {cal['nsamples']}x{cal['seqlen']} tokens "
+              f"(seed {cal['seed']}, temperature {cal['generation']['temperature']}); the text is in the report")
     layout = "uniform layers: loads with transformers' from_pretrained" if r["uniform_layers"] else \
         "per-layer sizes: load with graphprune.load_pruned(path)"
     if r["floored_groups"]:
@@ -180,15 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of: channels, heads (whole KV groups under GQA), query-heads; default: "
                         "channels,heads where the config can express head removal, else channels")
     p.add_argument("--calib", default="default",
-                   help="text file, 'default' (bundled excerpt) or hf:dataset; encoders: a .jsonl/.tsv pair file "
-                        "or a text to derive (first sentence, rest of paragraph) pairs from")
+                   help="text file, 'default' (bundled excerpt), hf:dataset, or 'none' (the model generates its own "
+                        "calibration text; weight-only criteria need none); encoders: a .jsonl/.tsv pair file or "
+                        "a text to derive (first sentence, rest of paragraph) pairs from")
     p.add_argument("--calib-general", default=None,
                    help="gaprune: the general-domain set beside the --calib domain set (same formats)")
     p.add_argument("--nsamples", type=_positive_int, default=128, help="windows (decoders) or pairs (encoders)")
     p.add_argument("--seqlen", type=_positive_int, default=128, help="tokens per window, or per text (encoders)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compensate", choices=["none", "bias"], default=None,
-                   help="default: bias for flap, none otherwise")
+    p.add_argument("--compensate", choices=["none", "bias", "lsq"], default=None,
+                   help="what the consumer layers do about removed inputs: bias (FLAP's mean), lsq (least-squares "
+                        "refit of the kept weights and bias); default: bias for flap, lsq for obs, none otherwise")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each layer's compensation on the outputs of the already pruned layers")
+    p.add_argument("--damp", type=_damping, default=0.01,
+                   help="least-squares damping: this fraction of mean(diag H) is added to H (default 0.01)")
     p.add_argument("--round-to", type=_positive_int, default=1, help="keep channel counts a multiple of this")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
