@@ -96,7 +96,7 @@ def public_alignment_scale(pairs: int = 64) -> None:
     from graphprune.models import load_model
 
     loaded = load_model("minilm-l6")
-    chosen = [g for g in analyze(loaded.model) if g.kind == "channel"]
+    chosen = [g for g in analyze(loaded.model) if g.kind == "channel" and g.prunable]
     options = dict(encoder=True, pooling=pooling_of(loaded.path), nsamples=pairs, seqlen=CALIB["seqlen"], seed=0,
                    batch_size=CALIB["pair_batch"])
     sums = [unit_gradients(loaded.model, calibration_set(loaded.model, loaded.tokenizer, str(data_file(f)),
