@@ -7,13 +7,17 @@ memory cost is one batch of activations plus O(channels) accumulators.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .errors import GraphpruneWarning
 
 
 @dataclass
@@ -143,10 +147,16 @@ def save_cached(key: str, calib: Calibration) -> None:
         tensors[f"angle/{index}"] = torch.tensor([angle], dtype=torch.float64)
     tensors["tokens"] = torch.tensor([calib.tokens], dtype=torch.int64)
     directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{key}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, directory / f"{key}.safetensors")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, directory / f"{key}.safetensors")
+    except Exception as error:  # noqa: BLE001 - a cache that cannot be written must not fail the run
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        warnings.warn(f"calibration statistics not cached in {directory}: {str(error).splitlines()[0]}",
+                      GraphpruneWarning, stacklevel=2)
 
 
 def load_cached(key: str) -> Calibration | None:

@@ -11,9 +11,10 @@ import argparse
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import GraphpruneError, UserError, ValidationError
+from .errors import GraphpruneError, GraphpruneWarning, UserError, ValidationError
 
 
 class Terminated(BaseException):
@@ -64,12 +65,16 @@ def cmd_inspect(args) -> int:
 
 def cmd_compress(args) -> int:
     from .export import prepare_output, save_pruned
+    from .guards import model_bytes
     from .pipeline import check_options, compress
 
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
                   compensate=args.compensate, round_to=args.round_to)
     loaded = _load(args.model, args)
-    out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
+    # A lower bound of the output's size (pruning keeps at least 1 - sparsity of the layers and all
+    # the rest; 0.9 absorbs the allocator's rounding): a disk too small for it fails now, not at the end.
+    needed = int(0.9 * (1 - args.sparsity) * model_bytes(loaded.model)) if loaded.model is not None else 0
+    out = prepare_output(args.out, inputs=[loaded.path], force=args.force, needed_bytes=needed)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
                       target=args.target, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                       seed=args.seed, compensate=args.compensate, round_to=args.round_to,
@@ -90,6 +95,10 @@ def cmd_compress(args) -> int:
     if r["floored_groups"]:
         print(f"note: {len(r['floored_groups'])} group(s) kept their last unit instead of being removed entirely "
               f"(floor); the rest of the budget went elsewhere")
+    if r.get("blocked_groups"):
+        first = r["blocked_groups"][0]
+        print(f"note: {len(r['blocked_groups'])} group(s) were left unpruned because an op has no dimension rule, "
+              f"e.g. {first['scope']} ({first['kind']}): {first['reason']}")
     print(f"wrote {out} ({layout}) in {r['timings_s']['total']:.1f}s")
     return 0
 
@@ -191,6 +200,18 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line_warnings(default):
+    """A `warnings.showwarning` that prints our own warnings as one line and others as `default` does."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GraphpruneWarning):
+            print(f"graphprune: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 
@@ -200,10 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     _quiet_libraries()
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(previous_showwarning)
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"graphprune: error: {exc}", file=sys.stderr)
+        # One line even when a message quotes a multi-line library error.
+        print(f"graphprune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except ValidationError as exc:
         print(f"graphprune: validation failed: {exc}", file=sys.stderr)
@@ -223,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = previous_showwarning
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from . import criteria as criteria_mod
 from .calibrate import Calibration, cache_key, collect, find_blocks, load_cached, save_cached
 from .criteria.base import MissingStatistics, ScoringContext, consumer_slices, module_of
 from .errors import PruningError, UserError
+from .guards import check_finite_weights
 from .graph import GroupSet, analyze
-from .graph.groups import PRUNABLE, OPT_IN, Group
+from .graph.groups import BLOCKED, PRUNABLE, OPT_IN, Group
 from .passes import BiasCompensation, ConfigRewrite, SliceParameters, Validate
 from .passes.config import instantiate
 
@@ -112,7 +113,9 @@ def select_groups(groups: GroupSet, target: str) -> list[Group]:
     if not chosen:
         blocked = [g for g in groups if g.kind in kinds]
         if blocked:
-            reasons = "; ".join(sorted({(g.reason or g.status) for g in blocked})[:2])
+            # An op without a rule is what the user can act on: name it before structural reasons.
+            reasons = "; ".join(sorted({(g.reason or g.status) for g in blocked},
+                                       key=lambda r: (not r.startswith("blocked by"), r))[:2])
             raise PruningError(f"no prunable {target} groups: {reasons}")
         raise PruningError(f"the model has no {target} groups to prune")
     return chosen
@@ -195,6 +198,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     loaded, model, tokenizer = resolve_model(model, tokenizer)
     if model is None:
         raise UserError("compress needs a PyTorch model here (ONNX-native pruning is not available yet)")
+    check_finite_weights(model)
     model.eval()
     timings["load"] = time.perf_counter() - started
 
@@ -216,6 +220,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     calibration: Calibration | None = None
     unit_grads: dict = {}
     calib_note = None
+    cache_state = None
     if needs:
         t = time.perf_counter()
         if tokenizer is None:
@@ -229,13 +234,12 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
             modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g)})
             key = cache_key("stats-v1", _fingerprint(model), calib_note, modules, "block_angles" in needs)
             calibration = load_cached(key) if use_cache else None
+            cache_state = "hit" if calibration is not None else "miss" if use_cache else "off"
             if calibration is None:
                 calibration = collect(model, batches, input_modules=modules, block_angles="block_angles" in needs,
                                       batch_size=batch_size, progress=progress)
                 if use_cache:
                     save_cached(key, calibration)
-            else:
-                calib_note["cached"] = True
         if "gradients" in needs:
             unit_grads = _unit_gradients(model, batches, chosen, max(1, batch_size // 2), progress)
         timings["calibration"] = time.perf_counter() - t
@@ -287,8 +291,12 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
                    "achieved_sparsity": (total_layer_params - layer_after) / total_layer_params},
         "flops_per_token": {"before": flops_before, "after": flops_before - flops_removed},
         "kept_units": kept, "floored_groups": plan.floored, "allocation_notes": plan.notes,
+        "blocked_groups": [{"scope": g.scope, "kind": g.kind, "reason": g.reason} for g in groups if g.status == BLOCKED],
+        # Measurements of this run, not of its result: save_pruned writes them apart from the rest
+        # (RUN_REPORT_KEYS) so that the same inputs and seed give a byte-identical report.
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "calibration_cache": cache_state,
         "trace": groups.graph.notes,
         **report_extra,
     }

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from graphprune.errors import ModelLoadError
+from graphprune.guards import check_config_fits_weights, check_onnx_external_data, safetensors_elements
 from graphprune.models.aliases import (
     BUNDLED_ALIASES,
     cache_root,
@@ -171,9 +172,12 @@ def _load_hf_directory(
     if not config_path.is_file():
         raise ModelLoadError(f"{model_dir} has no config.json{_missing_config_hint(model_dir)}")
     _read_json(config_path)
-    use_safetensors = _check_weights(model_dir, allow_pickle=allow_pickle)
+    headers = _check_weights(model_dir, allow_pickle=allow_pickle)
+    use_safetensors = headers is not None
     config = _load_config(model_dir, trust_remote_code=trust_remote_code)
     kind: ModelKind = "causal-lm" if _is_causal_lm(config) else "encoder"
+    if headers is not None:
+        check_config_fits_weights(_model_class(kind), config, safetensors_elements(headers), source=model_dir)
     if getattr(config, "graphprune_layer_overrides", None):
         # A graphprune output with per-layer sizes: transformers cannot build it from one config.
         from ..export import load_pruned
@@ -238,17 +242,14 @@ def _sentence_transformers_model_dir(directory: Path) -> Path:
     raise ModelLoadError(f"{directory / 'modules.json'} lists no sentence_transformers Transformer module")
 
 
-def _check_weights(model_dir: Path, *, allow_pickle: bool) -> bool:
-    """Validate the weight files; True when they are safetensors, False for an allowed pickle."""
+def _check_weights(model_dir: Path, *, allow_pickle: bool) -> list[dict] | None:
+    """Validate the weight files; their safetensors headers, or None for an allowed pickle."""
     single_file = model_dir / "model.safetensors"
     index_file = model_dir / "model.safetensors.index.json"
     if single_file.is_file():
-        check_safetensors_file(single_file)
-        return True
+        return [check_safetensors_file(single_file)]
     if index_file.is_file():
-        for shard in _shards_listed_in(index_file):
-            check_safetensors_file(shard)
-        return True
+        return [check_safetensors_file(shard) for shard in _shards_listed_in(index_file)]
 
     pickle_files = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
     if not pickle_files:
@@ -263,7 +264,7 @@ def _check_weights(model_dir: Path, *, allow_pickle: bool) -> bool:
             f"{model_dir} has pickle files ({', '.join(pickle_files)}) but none named pytorch_model.bin, "
             "the only pickle checkpoint transformers loads"
         )
-    return False
+    return None
 
 
 def _shards_listed_in(index_file: Path) -> list[Path]:
@@ -278,8 +279,8 @@ def _shards_listed_in(index_file: Path) -> list[Path]:
     return shards
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Raise ModelLoadError unless `path` is a complete, well-formed safetensors file.
+def check_safetensors_file(path: Path) -> dict:
+    """Raise ModelLoadError unless `path` is a complete, well-formed safetensors file; returns its header.
 
     A safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's
     byte range within the data section, then the data. A truncated file still has a valid header,
@@ -316,6 +317,7 @@ def check_safetensors_file(path: Path) -> None:
             opened.keys()
     except Exception as error:  # safetensors raises its own SafetensorError and plain OSErrors
         raise ModelLoadError(f"{path} is not a valid safetensors file: {_first_line(error)}") from error
+    return header
 
 
 def _load_config(model_dir: Path, *, trust_remote_code: bool) -> PretrainedConfig:
@@ -344,9 +346,7 @@ def _load_weights(
     use_safetensors: bool,
     trust_remote_code: bool,
 ) -> torch.nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    model_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    model_class = _model_class(kind)
     try:
         # ignore_mismatched_sizes=True makes transformers report shape mismatches in the loading
         # info (checked below) instead of raising a RuntimeError that points at a logged report.
@@ -382,6 +382,12 @@ def _load_weights(
             f"from the weights, e.g. {missing[0]}"
         )
     return model
+
+
+def _model_class(kind: ModelKind):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
 
 
 @contextlib.contextmanager
@@ -491,6 +497,7 @@ def _remove_stale_conversions(cache_dir: Path) -> None:
 def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
     import onnx
 
+    check_onnx_external_data(onnx_path)
     try:
         onnx_model = onnx.load(str(onnx_path))
     except Exception as error:  # protobuf DecodeError for truncated files, missing external data, ...
