@@ -25,7 +25,7 @@ def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not strictly between 0 and 1")
     return value
@@ -35,7 +35,7 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1")
     return value
@@ -134,7 +134,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit code 2), not usage + error."""
 
     def error(self, message):  # noqa: D401
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {' '.join(message.splitlines())} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -125,13 +126,14 @@ def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_siz
     """Per unit of every chosen group: Σ_batches s_b and Σ_batches s_b² with s_b = Σ_unit w·∂L/∂w."""
     from tqdm.auto import tqdm
 
-    params = dict(model.named_parameters())
+    # Every name of a tied tensor (lm_head.weight and embed_tokens.weight), since groups use either.
+    params = dict(model.named_parameters(remove_duplicate=False))
     stats = {g.id: {"sum": np.zeros(g.units), "sumsq": np.zeros(g.units), "batches": 0} for g in chosen}
     was_training = model.training
     model.eval()
-    needed = {s.param for g in chosen for s in g.slices}
-    for name, p in params.items():
-        p.requires_grad_(name in needed)
+    needed = {id(params[s.param]) for g in chosen for s in g.slices}
+    for p in params.values():
+        p.requires_grad_(id(p) in needed)
     try:
         for start in tqdm(range(0, batches.shape[0], batch_size), desc="gradients", disable=not progress, leave=False):
             chunk = batches[start:start + batch_size]
@@ -140,10 +142,14 @@ def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_siz
             out.loss.backward()
             for g in chosen:
                 per_unit = torch.zeros(g.units, dtype=torch.float64)
+                counted = set()
                 for s in g.slices:
                     p = params[s.param]
-                    if p.grad is None:
+                    # A tied tensor's gradient already sums both uses: count its slice once.
+                    key = (id(p), s.axis, np.asarray(s.indices).tobytes())
+                    if p.grad is None or key in counted:
                         continue
+                    counted.add(key)
                     wg = (p.detach() * p.grad).to(torch.float64).movedim(s.axis, 0)
                     idx = torch.as_tensor(s.indices)
                     per_unit += wg[idx.reshape(-1)].reshape(g.units, -1).sum(1)
@@ -215,6 +221,10 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     timings["trace"] = time.perf_counter() - t
 
     needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
+    if "gradients" in needs and "labels" not in inspect.signature(model.forward).parameters:
+        others = [n for n in criteria_mod.available() if "gradients" not in criteria_mod.get(n).needs]
+        raise PruningError(f"criterion '{criterion}' needs the gradient of a language-model loss, which "
+                           f"{type(model).__name__} does not compute; choose one of {', '.join(others)}")
     if allocation == "cfsp":
         needs = needs | {"block_angles"}
     calibration: Calibration | None = None

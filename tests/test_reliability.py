@@ -87,6 +87,9 @@ def assert_refused(run: Run, *needles: str, code: int = 2) -> str:
     line = run.error_lines[0]
     for needle in needles:
         assert needle in line, line
+    if os.environ.get("GRAPHPRUNE_WALL_MESSAGES"):  # collects the messages quoted in docs/reliability.md
+        with open(os.environ["GRAPHPRUNE_WALL_MESSAGES"], "a") as log:
+            log.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST"), "code": code, "line": line}) + "\n")
     return line
 
 

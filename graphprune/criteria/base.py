@@ -72,7 +72,8 @@ class Criterion:
             st = ctx.input_stats(s)
             if st is None:
                 continue
-            w = ctx.params[s.param].detach().to(torch.float64)  # [out, in]
+            # [out, in] whatever the storage: GPT-2's Conv1D keeps [in, out] (its input axis is 0).
+            w = ctx.params[s.param].detach().to(torch.float64).movedim(s.axis, -1)
             idx = torch.as_tensor(s.indices, dtype=torch.long)  # [units, width]
             per_column = fn(st, w)  # [in]
             if column_transform is not None:
