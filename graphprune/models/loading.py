@@ -326,6 +326,9 @@ def _load_config(model_dir: Path, *, trust_remote_code: bool) -> PretrainedConfi
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as error:  # unknown model_type, remote code refused, bad field values, ...
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise ModelLoadError(f"the model config in {model_dir} needs the model's own Python code (auto_map), "
+                                 "which is not run unless you pass --trust-remote-code") from error
         raise ModelLoadError(f"cannot read the model config in {model_dir}: {_first_line(error)}") from error
 
 
@@ -362,6 +365,10 @@ def _load_weights(
                 output_loading_info=True,
             )
     except Exception as error:
+        if "Weights only load failed" in str(error):  # torch.load(weights_only=True) met a non-tensor object
+            blocked = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
+            raise ModelLoadError(f"the pickle checkpoint in {model_dir} holds more than tensors and is refused even "
+                                 f"with --allow-pickle, which only reads tensors ({blocked})") from error
         raise ModelLoadError(f"transformers could not load {model_dir}: {_first_line(error)}") from error
 
     mismatched = sorted(loading_info.get("mismatched_keys") or [])
@@ -522,8 +529,11 @@ def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
 
 
 def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message, for one-line user errors."""
-    for line in str(error).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(error).__name__
+    """The first non-empty line of an exception's message, for one-line user errors; with the next
+    line when the first only announces it (ends with a colon)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
