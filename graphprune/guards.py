@@ -108,7 +108,7 @@ def _graph_tensors(graph):
 # --- configs against weights ---------------------------------------------------------------------
 
 
-def check_config_fits_weights(model_class, config, weight_elements: int, *, source: Path) -> None:
+def check_config_fits_weights(model_class, config, weight_elements: int, *, described_by: str) -> None:
     """Refuse a config whose model has far more parameters than the weights hold.
 
     The model is built on the meta device (no memory), so an absurd config (hidden_size 10**8)
@@ -122,7 +122,7 @@ def check_config_fits_weights(model_class, config, weight_elements: int, *, sour
         return
     described = sum(p.numel() for p in meta.parameters())
     if weight_elements and described > CONFIG_WEIGHTS_RATIO_LIMIT * weight_elements:
-        raise ModelLoadError(f"config.json in {source} does not match its weights: it describes "
+        raise ModelLoadError(f"{described_by} does not match its weights: it describes "
                              f"{_count(described)} parameters but the weights hold {_count(weight_elements)}")
 
 

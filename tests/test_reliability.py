@@ -286,7 +286,7 @@ def test_config_that_disagrees_with_the_weights(graphprune, model_copy, tmp_path
 
 
 def test_config_with_absurd_sizes_is_refused_before_allocating(graphprune, model_copy):
-    # 10**8 intermediate channels is 77 GB of fp32 weights: transformers would try to allocate it.
+    # 10**8 intermediate channels is 154 GB of fp32 weights: transformers would try to allocate it.
     _set_config(model_copy, intermediate_size=10**8)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     line = assert_refused(graphprune("inspect", model_copy), "does not match its weights")
@@ -373,12 +373,21 @@ def _gguf_garbled_metadata(data: bytes) -> bytes:
     return data[:200] + noise + data[2000:]
 
 
+def _gguf_absurd_feed_forward_length(data: bytes) -> bytes:
+    # A KV pair is the key (u64 length + bytes), the value type (u32; 4 = UINT32) and the value.
+    key = b"llama.feed_forward_length"
+    at = data.index(key) + len(key)
+    assert struct.unpack("<II", data[at:at + 8]) == (4, 128)
+    return data[:at + 4] + struct.pack("<I", 10**8) + data[at + 8:]
+
+
 HOSTILE_GGUF = [
     (_truncate, "cannot load GGUF file"),
     (_gguf_wrong_magic, "is not a GGUF file"),
     (_gguf_future_version, "GGUF v99"),
     (_gguf_absurd_tensor_count, "cannot load GGUF file"),
     (_gguf_garbled_metadata, "cannot load GGUF file"),
+    (_gguf_absurd_feed_forward_length, "does not match its weights: it describes 38,400,"),
 ]
 
 
@@ -631,7 +640,7 @@ def _limit_file_size() -> None:
 
 def test_file_size_limit_while_writing_leaves_no_partial_output(model_dir, tmp_path):
     """A real write failure from the kernel: the process may not write files over 100 kB, and the
-    pruned weights are 330 kB."""
+    pruned weights are about 300 kB."""
     out = tmp_path / "out"
     before = digest(model_dir)
     child = subprocess.run([sys.executable, "-m", "graphprune", *map(str, compress_args(model_dir, out, "--no-cache"))],

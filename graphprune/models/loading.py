@@ -177,7 +177,8 @@ def _load_hf_directory(
     config = _load_config(model_dir, trust_remote_code=trust_remote_code)
     kind: ModelKind = "causal-lm" if _is_causal_lm(config) else "encoder"
     if headers is not None:
-        check_config_fits_weights(_model_class(kind), config, safetensors_elements(headers), source=model_dir)
+        check_config_fits_weights(_model_class(kind), config, safetensors_elements(headers),
+                                  described_by=f"config.json in {model_dir}")
     if getattr(config, "graphprune_layer_overrides", None):
         # A graphprune output with per-layer sizes: transformers cannot build it from one config.
         from ..export import load_pruned
@@ -465,8 +466,12 @@ def _convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
             source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
             config = AutoConfig.from_pretrained(**source)
             model_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+            check_config_fits_weights(model_class, config, _gguf_elements(gguf_path),
+                                      described_by=f"the metadata of {gguf_path}")
             model = model_class.from_pretrained(**source, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(**source)
+        except ModelLoadError:
+            raise
         except Exception as error:  # truncated file, unsupported architecture, bad metadata, ...
             raise ModelLoadError(
                 f"cannot load GGUF file {gguf_path} (corrupt, truncated or unsupported): {_first_line(error)}"
@@ -485,6 +490,13 @@ def _convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
             # Another process finished the same conversion first; its result is the same.
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _gguf_elements(gguf_path: Path) -> int:
+    """Total elements of the tensors a GGUF file declares (read from its header, memory-mapped)."""
+    import gguf
+
+    return sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(str(gguf_path)).tensors)
 
 
 def _remove_stale_conversions(cache_dir: Path) -> None:
