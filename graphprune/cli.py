@@ -35,7 +35,7 @@ def _damping(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 < value <= 10.0:
         raise argparse.ArgumentTypeError(f"{text} must be in (0, 10]")
     return value
