@@ -27,10 +27,10 @@ CONFIG_WEIGHTS_RATIO_LIMIT = 2.0
 
 
 def check_finite_weights(model: torch.nn.Module) -> None:
-    """Raise if any parameter or floating buffer of `model` holds NaN or Inf, naming the first tensor."""
+    """Raise if any parameter of `model` holds NaN or Inf, naming the first one. Buffers are not
+    checked: attention-mask buffers hold -inf on purpose."""
     bad = []
-    tensors = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
-    for name, tensor in tensors:
+    for name, tensor in model.named_parameters():
         if tensor.is_floating_point() and tensor.numel() and tensor.device.type != "meta":
             count = int((~torch.isfinite(tensor.detach())).sum())
             if count:
@@ -43,10 +43,10 @@ def check_finite_weights(model: torch.nn.Module) -> None:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct tensors `model` saves (tied weights counted once)."""
-    seen: dict[int, int] = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    """Bytes of the tensors `model` saves (its state dict; tied weights counted once)."""
+    seen: dict[tuple, int] = {}
+    for tensor in model.state_dict().values():
+        seen[(tensor.data_ptr(), tensor.numel(), tensor.dtype)] = tensor.numel() * tensor.element_size()
     return sum(seen.values())
 
 

@@ -235,6 +235,14 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     layerwise = compensate == "lsq" or sequential or "gram" in scorer.needs
     if layerwise:
         needs = needs | {"gram"}
+        # The least-squares path reads consumer weights as [out, in]; GPT-2's Conv1D stores [in, out].
+        transposed = sorted({s.param for g in chosen for s in consumer_slices(g)
+                             if s.expert is None and s.axis != model.get_parameter(s.param).dim() - 1})
+        if transposed:
+            asked = [what for what, on in (("--compensate lsq", compensate == "lsq"), ("--sequential", sequential),
+                                           (f"criterion '{criterion}'", "gram" in scorer.needs)) if on]
+            raise PruningError(f"{' and '.join(asked)} cannot handle weights stored as [in, out] yet (e.g. "
+                               f"{transposed[0]}, a Conv1D): use --compensate bias or none, without --sequential")
     if allocation == "cfsp":
         needs = needs | {"block_angles"}
     calibration: Calibration | None = None
