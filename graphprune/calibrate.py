@@ -146,17 +146,24 @@ def save_cached(key: str, calib: Calibration) -> None:
     for index, angle in calib.block_angle.items():
         tensors[f"angle/{index}"] = torch.tensor([angle], dtype=torch.float64)
     tensors["tokens"] = torch.tensor([calib.tokens], dtype=torch.int64)
+    write_cache_entry(f"{key}.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                                                   str(tmp)))
+
+
+def write_cache_entry(name: str, write) -> None:
+    """`write(tmp_path)` then rename into `cache_dir()/name`; a cache that cannot be written warns once
+    and never fails the run (nor leaves a partial entry)."""
     directory = cache_dir()
-    tmp = directory / f".{key}.{os.getpid()}.tmp"
+    tmp = directory / f".{name}.{os.getpid()}.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, directory / f"{key}.safetensors")
+        write(tmp)
+        os.replace(tmp, directory / name)
     except Exception as error:  # noqa: BLE001 - a cache that cannot be written must not fail the run
         with contextlib.suppress(OSError):
             tmp.unlink()
         warnings.warn(f"calibration statistics not cached in {directory}: {str(error).splitlines()[0]}",
-                      GraphpruneWarning, stacklevel=2)
+                      GraphpruneWarning, stacklevel=3)
 
 
 def load_cached(key: str) -> Calibration | None:
