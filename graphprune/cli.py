@@ -75,8 +75,15 @@ def cmd_compress(args) -> int:
                       seed=args.seed, compensate=args.compensate, round_to=args.round_to,
                       progress=not args.quiet, use_cache=not args.no_cache, release_input=True)
     source_dir = loaded.path if loaded.path.is_dir() else None
+    exported = []
+    also = None
+    if args.export == "onnx":
+        from .export.onnx import write_onnx
+
+        def also(tmp):  # inside the temporary output: a failed parity check writes nothing
+            exported.append(write_onnx(result.model, tmp))
     save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
-                force=args.force)
+                force=args.force, also=also)
     r = result.report
     p = r["params"]
     print(f"{r['model']}: {r['criterion']} / {r['allocation']} removed {p['layers_before'] - p['layers_after']:,} of "
@@ -91,6 +98,33 @@ def cmd_compress(args) -> int:
         print(f"note: {len(r['floored_groups'])} group(s) kept their last unit instead of being removed entirely "
               f"(floor); the rest of the budget went elsewhere")
     print(f"wrote {out} ({layout}) in {r['timings_s']['total']:.1f}s")
+    for e in exported:
+        _print_export(e)
+    return 0
+
+
+def _print_export(e) -> None:
+    print(f"wrote {e.path} ({e.exporter}, opset {e.opset}; inputs {', '.join(e.inputs)} -> {e.output}, dynamic "
+          f"batch/sequence, no KV cache); onnxruntime parity: max abs {e.output} diff {e.max_abs_diff:.3g} "
+          f"(tolerance {e.tolerance:.3g})")
+    for note in e.notes:
+        print(f"note: {note}")
+
+
+def cmd_export(args) -> int:
+    from .export import prepare_output
+    from .export.onnx import export_onnx
+
+    if args.atol <= 0:
+        raise UserError("--atol must be positive")
+    loaded = _load(args.model, args)
+    if loaded.model is None:
+        raise UserError(f"{args.model} is already ONNX; export takes a PyTorch model (alias, HF or graphprune directory)")
+    out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
+    source_dir = loaded.path if loaded.path.is_dir() else None
+    result = export_onnx(loaded.model, out, tokenizer=loaded.tokenizer, exporter=args.exporter, opset=args.opset,
+                         atol=args.atol, force=args.force, source_dir=source_dir)
+    _print_export(result)
     return 0
 
 
@@ -164,7 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-cache", action="store_true", help="recompute calibration statistics")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--export", choices=["onnx"], default=None,
+                   help="also write model.onnx into --out (parity-checked in onnxruntime)")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="export a (pruned) model to ONNX, checked in onnxruntime")
+    model_args(p)
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="output directory (model.onnx, config, tokenizer)")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torch.onnx exporter (torchscript: seconds; dynamo: minutes on large models)")
+    p.add_argument("--opset", type=_positive_int, default=None)
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="parity tolerance: fail when max |onnx - torch| > atol * max(1, max|torch output|)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity of a causal LM on a text file")
     model_args(p)

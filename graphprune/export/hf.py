@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,11 +36,14 @@ def prepare_output(out: str | Path, *, inputs: list[Path] = (), force: bool = Fa
 
 
 def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = None, report: dict | None = None,
-                source_dir: Path | None = None, force: bool = False) -> Path:
+                source_dir: Path | None = None, force: bool = False,
+                also: Callable[[Path], None] | None = None) -> Path:
     """Save config + safetensors (+ tokenizer, report.json, sentence-transformers files) into `out`.
 
     Everything goes to a temporary sibling directory first; it replaces `out` only when complete,
-    so an interrupted run never leaves a half-written model that looks finished.
+    so an interrupted run never leaves a half-written model that looks finished. `also(tmp)`
+    writes more files into that directory before it is renamed (the ONNX export of compress
+    --export onnx): when it fails, nothing is written.
     """
     out = Path(out).expanduser().resolve()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -57,19 +60,26 @@ def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = Non
                 shutil.copytree(pooling, tmp / "1_Pooling")
         if report is not None:
             (tmp / "graphprune_report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            if not force and any(out.iterdir()):
-                raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        if also is not None:
+            also(tmp)
+        replace_directory(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def replace_directory(tmp: Path, out: Path, *, force: bool = False) -> None:
+    """Move the finished temporary directory `tmp` to `out` (replacing it only with force)."""
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
