@@ -69,6 +69,8 @@ def cmd_compress(args) -> int:
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
                   compensate=args.compensate, round_to=args.round_to)
     loaded = _load(args.model, args)
+    if loaded.kind == "onnx":
+        return _compress_onnx(args, loaded)
     out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
                       target=args.target, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -125,6 +127,52 @@ def cmd_export(args) -> int:
     result = export_onnx(loaded.model, out, tokenizer=loaded.tokenizer, exporter=args.exporter, opset=args.opset,
                          atol=args.atol, force=args.force, source_dir=source_dir)
     _print_export(result)
+    return 0
+
+
+def _compress_onnx(args, loaded) -> int:
+    from .onnx_io import prepare_output_file, save_model_atomically
+    from .onnx_native import compress_onnx
+
+    if args.export:
+        raise UserError("--export applies to PyTorch models; an ONNX input is written as ONNX already")
+    out = prepare_output_file(args.out, inputs=[loaded.path], force=args.force)
+    result = compress_onnx(loaded.onnx_model, criterion=args.criterion, sparsity=args.sparsity,
+                           allocation=args.allocation, target=args.target, calib=args.calib, nsamples=args.nsamples,
+                           seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,
+                           tokenizer=loaded.tokenizer, progress=not args.quiet)
+    r = result.report
+    entry = result.model.metadata_props.add()
+    entry.key, entry.value = "graphprune_report", json.dumps(r, sort_keys=True, default=str)
+    save_model_atomically(result.model, out, force=args.force)
+    p, f = r["params"], r["flops_per_token"]
+    print(f"{loaded.name}: {r['criterion']} / {r['allocation']} (ONNX-native) removed "
+          f"{p['layers_before'] - p['layers_after']:,} of {p['layers_before']:,} layer parameters (sparsity "
+          f"{p['achieved_sparsity']:.4f}, asked {r['requested_sparsity']}); FLOPs/token {f['before']:.3g} -> "
+          f"{f['after']:.3g}; {len(r['shape_constants_rewritten'])} shape constant(s) rewritten")
+    print(f"wrote {out} (validated in onnxruntime) in {r['timings_s']['total']:.1f}s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench_onnx import bench, parse_list, render, to_json
+
+    if args.shapes:
+        shapes = []
+        for part in args.shapes.split(","):
+            b, _, t = part.strip().partition("x")
+            shapes.append(tuple(parse_list(f"{b},{t}", "shapes")) if b and t else None)
+        if not shapes or any(s is None or len(s) != 2 for s in shapes):
+            raise UserError(f"--shapes must look like 1x512,8x128, got '{args.shapes}'")
+    else:
+        shapes = [(b, t) for b in parse_list(args.batch, "batch") for t in parse_list(args.seqlen, "seqlen")]
+    rows, note = bench(args.model, baseline=args.baseline, provider=args.provider,
+                       allow_fallback=args.allow_fallback, shapes=shapes, warmup=args.warmup, runs=args.runs,
+                       threads=args.threads, profile=args.profile)
+    provider = "cpu" if note else args.provider
+    print(to_json(rows, provider, note) if args.json else render(rows, provider))
+    if note and not args.json:
+        print(f"note: {note}")
     return 0
 
 
@@ -222,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="latency/throughput of an .onnx model in onnxruntime, vs a baseline")
+    p.add_argument("model", help=".onnx file")
+    p.add_argument("--baseline", default=None, help="the dense .onnx to compare with (speed-up vs FLOP ratio)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--allow-fallback", action="store_true", help="run on CPU when the provider is not installed")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes")
+    p.add_argument("--seqlen", default="128", help="comma list of sequence lengths")
+    p.add_argument("--shapes", default=None, help="explicit BATCHxSEQ pairs, e.g. 1x512,8x128 (overrides both)")
+    p.add_argument("--warmup", type=_positive_int, default=3)
+    p.add_argument("--runs", type=_positive_int, default=20)
+    p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--profile", action="store_true", help="also print each model's top op types (ORT profiler)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("criteria", help="list the available criteria")
     p.set_defaults(func=cmd_criteria)
