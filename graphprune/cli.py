@@ -83,7 +83,7 @@ def cmd_compress(args) -> int:
         from .export.onnx import write_onnx
 
         def also(tmp):  # inside the temporary output: a failed parity check writes nothing
-            exported.append(write_onnx(result.model, tmp))
+            exported.append(write_onnx(result.model, tmp, tokenizer=loaded.tokenizer))
     save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
                 force=args.force, also=also)
     r = result.report
@@ -150,6 +150,9 @@ def _compress_onnx(args, loaded) -> int:
           f"{p['layers_before'] - p['layers_after']:,} of {p['layers_before']:,} layer parameters (sparsity "
           f"{p['achieved_sparsity']:.4f}, asked {r['requested_sparsity']}); FLOPs/token {f['before']:.3g} -> "
           f"{f['after']:.3g}; {len(r['shape_constants_rewritten'])} shape constant(s) rewritten")
+    if r["ops_without_rule"]:
+        named = ", ".join(f"{b['op']} at {b['location']}" for b in r["ops_without_rule"][:3])
+        print(f"note: groups read by ops without a dimension rule are blocked and were not pruned: {named}")
     print(f"wrote {out} (validated in onnxruntime) in {r['timings_s']['total']:.1f}s")
     return 0
 

@@ -2,9 +2,7 @@
 pruned (uniform and per-layer) and MoE models, atomic output, and a failed parity check writes nothing."""
 
 import json
-import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -18,7 +16,6 @@ from graphprune.testing import build_tiny
 from graphprune.testing.fixtures import save_tiny_llama, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def onnx_vs_torch(model, path, batch, seq, *, seed=0):
@@ -98,12 +95,14 @@ def test_dynamo_exporter_gives_the_same_interface(tmp_path):
     assert onnx_vs_torch(model, result.path, 2, 17) <= 1e-4
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "graphprune", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+def test_cli_export_and_compress_export_onnx(tmp_path, capsys):
+    from graphprune.cli import main
 
+    def run_cli(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
-def test_cli_export_and_compress_export_onnx(tmp_path):
     model_dir = save_tiny_llama(tmp_path / "tiny")
     result = run_cli("export", model_dir, "--format", "onnx", "--out", tmp_path / "dense")
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,8 @@ config, the tokenizer and ``graphprune_onnx.json`` (how it was exported, the par
   ``experts_implementation="batched_mm"`` (every token through its top-k experts with batched
   matmuls, numerically the same) and back afterwards.
 * Parity: the exported file runs in onnxruntime on sample inputs of other shapes than the traced
-  ones (so the dynamic axes are exercised, one row right-padded) and its outputs are compared with
+  ones (so the dynamic axes are exercised, one row right-padded; tokens of the bundled text excerpt
+  when a tokenizer is given, random tokens otherwise) and its outputs are compared with
   PyTorch's on the non-padded positions. Above the tolerance `ValidationError` is raised and
   nothing is written. The tolerance is ``atol · max(1, max|reference|)``: an absolute 1e-4 for
   outputs of order one, relative to the output scale beyond (a 30-layer model's fp32 logits of
@@ -124,9 +125,13 @@ def _vocab(model: torch.nn.Module) -> int:
 
 
 def _sample(model: torch.nn.Module, names: list[str], shape: tuple[int, int], *, pad_row: int | None = None,
-            seed: int = 0) -> list[torch.Tensor]:
+            seed: int = 0, text_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, max(_vocab(model), 4), shape, generator=generator)
+    n = shape[0] * shape[1]
+    if text_ids is not None and text_ids.numel() >= n * (seed + 1):
+        ids = text_ids[n * seed:n * (seed + 1)].reshape(shape)
+    else:
+        ids = torch.randint(3, max(_vocab(model), 4), shape, generator=generator)
     mask = torch.ones(shape, dtype=torch.long)
     if pad_row is not None and shape[1] > 4:
         mask[pad_row, shape[1] - 4:] = 0  # right padding: the last 4 tokens of that row
@@ -204,15 +209,30 @@ def _name_folded_weights(proto, model: torch.nn.Module) -> int:
     return len(renames)
 
 
+def _text_ids(tokenizer: Any, vocab: int) -> torch.Tensor | None:
+    """Token ids of the bundled text excerpt: parity on text, as the model will be used."""
+    if tokenizer is None:
+        return None
+    from ..data.calibration import default_calibration_text, tokenize_text
+
+    try:
+        ids = tokenize_text(tokenizer, default_calibration_text()).reshape(-1)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode it: random tokens instead
+        return None
+    return ids if ids.numel() and int(ids.max()) < vocab else None
+
+
 def parity(model: torch.nn.Module, onnx_path: Path, names: list[str], output: str,
-           atol: float = DEFAULT_ATOL) -> tuple[float, float, float]:
-    """(max abs difference, reference scale, tolerance) between onnxruntime and PyTorch."""
+           atol: float = DEFAULT_ATOL, tokenizer: Any = None) -> tuple[float, float, float]:
+    """(max abs difference, reference scale, tolerance) between onnxruntime and PyTorch, on text
+    when a tokenizer is given (random tokens otherwise)."""
     from ..onnx_io import session
 
     sess = session(onnx_path)
+    text_ids = _text_ids(tokenizer, _vocab(model))
     worst, scale = 0.0, 0.0
     for k, shape in enumerate(PARITY_SHAPES):
-        inputs = _sample(model, names, shape, pad_row=1 if shape[0] > 1 else None, seed=k + 1)
+        inputs = _sample(model, names, shape, pad_row=1 if shape[0] > 1 else None, seed=k + 1, text_ids=text_ids)
         with torch.no_grad():
             ref = _LogitsOnly(model, names, output)(*inputs).float().numpy()
         got = sess.run([output], {n: t.numpy() for n, t in zip(names, inputs)})[0]
@@ -229,7 +249,7 @@ def parity(model: torch.nn.Module, onnx_path: Path, names: list[str], output: st
 
 
 def write_onnx(model: torch.nn.Module, directory: Path, *, exporter: str = DEFAULT_EXPORTER,
-               opset: int | None = None, atol: float = DEFAULT_ATOL) -> OnnxExport:
+               opset: int | None = None, atol: float = DEFAULT_ATOL, tokenizer: Any = None) -> OnnxExport:
     """Export `model` into the (fresh, existing) `directory` as ``model.onnx`` and check parity.
     Raises ValidationError above the tolerance (the caller discards the directory)."""
     import onnx
@@ -257,7 +277,7 @@ def write_onnx(model: torch.nn.Module, directory: Path, *, exporter: str = DEFAU
             path = save_model(proto, directory / ONNX_FILE)
         finally:
             shutil.rmtree(raw, ignore_errors=True)
-        diff, scale, tolerance = parity(model, path, names, output, atol)
+        diff, scale, tolerance = parity(model, path, names, output, atol, tokenizer)
     result = OnnxExport(path, exporter, opset, names, output, diff, scale, tolerance,
                         round(time.perf_counter() - started, 2), notes)
     if diff > tolerance:
@@ -276,7 +296,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = Non
     out = Path(out).expanduser().resolve()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        result = write_onnx(model, tmp, exporter=exporter, opset=opset, atol=atol)
+        result = write_onnx(model, tmp, exporter=exporter, opset=opset, atol=atol, tokenizer=tokenizer)
         config = getattr(model, "config", None)
         if config is not None:
             config.save_pretrained(tmp)
