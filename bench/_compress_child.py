@@ -35,11 +35,14 @@ def main() -> None:
                           calib=str(data_file("wiki.train.txt")), nsamples=PROTOCOL["calib_nsamples"],
                           seqlen=PROTOCOL["calib_seqlen"], seed=PROTOCOL["seed"],
                           compensate=spec.get("compensate"), progress=False, use_cache=spec.get("cache", True),
-                          round_to=spec.get("round_to", 1), release_input=True)
+                          round_to=spec.get("round_to", 1), release_input=True,
+                          sequential=spec.get("sequential", False), damp=spec.get("damp", 0.01),
+                          criterion_options=spec.get("options"))
         model = result.model
         out.update(achieved=result.report["params"]["achieved_sparsity"],
                    uniform=result.report["uniform_layers"], stages=result.report["timings_s"],
-                   cached=bool((result.report.get("calibration") or {}).get("cached")))
+                   cached=bool((result.report.get("calibration") or {}).get("cached")),
+                   layerwise=result.report.get("layerwise"))
     out["compress_s"] = time.perf_counter() - started
     out["peak_rss_mb"] = peak_rss_mb()
     text = read_text_file(data_file("wiki.test.txt"))

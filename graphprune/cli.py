@@ -30,6 +30,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _damping(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 < value <= 10.0:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 10]")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -67,7 +77,7 @@ def cmd_compress(args) -> int:
     from .pipeline import check_options, compress
 
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
-                  compensate=args.compensate, round_to=args.round_to)
+                  compensate=args.compensate, round_to=args.round_to, sequential=args.sequential)
     loaded = _load(args.model, args)
     if loaded.kind == "onnx":
         return _compress_onnx(args, loaded)
@@ -75,7 +85,8 @@ def cmd_compress(args) -> int:
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
                       target=args.target, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                       seed=args.seed, compensate=args.compensate, round_to=args.round_to,
-                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True)
+                      progress=not args.quiet, use_cache=not args.no_cache, release_input=True,
+                      sequential=args.sequential, damp=args.damp)
     source_dir = loaded.path if loaded.path.is_dir() else None
     exported = []
     also = None
@@ -242,8 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=_positive_int, default=128)
     p.add_argument("--seqlen", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compensate", choices=["none", "bias"], default=None,
-                   help="default: bias for flap, none otherwise")
+    p.add_argument("--compensate", choices=["none", "bias", "lsq"], default=None,
+                   help="what the consumer layers do about removed inputs: bias (FLAP's mean), lsq (least-squares "
+                        "refit of the kept weights and bias); default: bias for flap, lsq for obs, none otherwise")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each layer's compensation on the outputs of the already pruned layers")
+    p.add_argument("--damp", type=_damping, default=0.01,
+                   help="least-squares damping: this fraction of mean(diag H) is added to H (default 0.01)")
     p.add_argument("--round-to", type=_positive_int, default=1, help="keep channel counts a multiple of this")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")

@@ -25,8 +25,10 @@ from .passes.config import instantiate
 # "heads" means whole KV groups under GQA and plain heads otherwise (see select_groups).
 TARGETS = {"channels": ("channel",), "heads": ("kv-group",), "query-heads": ("head",), "kv-groups": ("kv-group",),
            "experts": ("expert",), "hidden": ("hidden",)}
-COMPENSATIONS = ("none", "bias")
+COMPENSATIONS = ("none", "bias", "lsq")
 DEFAULT_TARGET = "channels,heads"
+# Chosen by measurement on SmolLM2-135M (bench/compensation.py): see the README.
+DEFAULT_COMPENSATION = {"flap": "bias", "obs": "lsq"}
 
 
 @dataclass
@@ -156,7 +158,7 @@ def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_siz
 
 
 def check_options(*, criterion: str, sparsity: float, allocation: str, target: str | None, compensate: str | None,
-                  round_to: int = 1) -> str:
+                  round_to: int = 1, sequential: bool = False) -> str:
     """Validate the options before any expensive work; returns the effective compensation."""
     if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not (0.0 < float(sparsity) < 1.0):
         raise UserError(f"--sparsity must be a number strictly between 0 and 1, got {sparsity}")
@@ -167,9 +169,13 @@ def check_options(*, criterion: str, sparsity: float, allocation: str, target: s
         if part not in TARGETS:
             raise UserError(f"unknown --target '{part}' (choose from {', '.join(TARGETS)})")
     if compensate is None:
-        compensate = "bias" if criterion == "flap" else "none"
+        compensate = DEFAULT_COMPENSATION.get(criterion, "none")
     if compensate not in COMPENSATIONS:
         raise UserError(f"unknown --compensate '{compensate}' (choose from {', '.join(COMPENSATIONS)})")
+    if criterion == "obs" and compensate != "lsq":
+        raise UserError("criterion 'obs' chooses units for a least-squares update: use --compensate lsq (its default)")
+    if sequential and compensate == "none":
+        raise UserError("--sequential recalibrates each layer for its compensation: it needs --compensate bias or lsq")
     if round_to < 1:
         raise UserError("--round-to must be a positive integer")
     return compensate
@@ -179,7 +185,8 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
              target: str | None = None, calib: str = "default", nsamples: int = 128, seqlen: int = 128,
              seed: int = 0, compensate: str | None = None, round_to: int = 1, floor: int = 1,
              batch_size: int = 8, progress: bool = True, tokenizer: Any = None, use_cache: bool = True,
-             criterion_options: dict | None = None, release_input: bool = False) -> CompressResult:
+             criterion_options: dict | None = None, release_input: bool = False, sequential: bool = False,
+             damp: float = 0.01) -> CompressResult:
     """Prune `model` (an alias, a path, a LoadedModel or an HF nn.Module) and return the smaller model.
 
     Nothing is written here: `save_pruned` writes the result atomically. The input model is left
@@ -189,7 +196,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     timings: dict[str, float] = {}
     started = time.perf_counter()
     compensate = check_options(criterion=criterion, sparsity=sparsity, allocation=allocation, target=target,
-                               compensate=compensate, round_to=round_to)
+                               compensate=compensate, round_to=round_to, sequential=sequential)
     scorer = criteria_mod.get(criterion, **(criterion_options or {}))
 
     loaded, model, tokenizer = resolve_model(model, tokenizer)
@@ -211,6 +218,9 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     timings["trace"] = time.perf_counter() - t
 
     needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
+    layerwise = compensate == "lsq" or sequential or "gram" in scorer.needs
+    if layerwise:
+        needs = needs | {"gram"}
     if allocation == "cfsp":
         needs = needs | {"block_angles"}
     calibration: Calibration | None = None
@@ -238,6 +248,10 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
                 calib_note["cached"] = True
         if "gradients" in needs:
             unit_grads = _unit_gradients(model, batches, chosen, max(1, batch_size // 2), progress)
+        if layerwise:
+            from .layerwise import BlockRunner
+
+            runner = BlockRunner(model, batches, batch_size=batch_size, progress=progress)
         timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -245,7 +259,14 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     ctx = ScoringContext(model, groups, params, calibration, unit_grads)
     scores: dict[str, np.ndarray] = {}
     comparable: dict[str, np.ndarray] = {}
-    for g in chosen:
+    if "gram" in scorer.needs:
+        try:
+            scores, comparable = scorer.score_blocks(runner, chosen, params, floor=floor)
+        except MissingStatistics as exc:
+            raise PruningError(f"criterion '{criterion}' cannot score {exc}") from exc
+        if allocation != "global":
+            comparable = {}
+    for g in chosen if "gram" not in scorer.needs else ():
         try:
             scores[g.id] = np.asarray(scorer.score(g, ctx), dtype=np.float64)
         except MissingStatistics as exc:
@@ -266,22 +287,44 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
                               block_importance=calibration.block_angle if calibration else None,
                               comparable=comparable or None)
     before = sum(p.numel() for p in _unique_params(model))
-    result_model, report_extra = rewrite(model, groups, chosen, plan.removed, calibration=calibration,
-                                         compensate=compensate, release_input=release_input)
+    timings["allocation"] = time.perf_counter() - t
+    removed = plan.removed
+    compensated = None
+    layerwise_report = None
+    if layerwise:
+        t = time.perf_counter()
+        from .passes.layerwise import LayerwiseCompensation
+
+        lw = LayerwiseCompensation("lsq" if compensate == "lsq" else "bias", sequential=sequential, damp=damp,
+                                   criterion=scorer).run(runner, chosen, plan.removed, params)
+        removed, compensated = lw.removed, lw.weights
+        errors = list(lw.relative_error.values())
+        layerwise_report = {
+            "method": compensate, "sequential": sequential, "damp": damp, "layers": len(errors),
+            "mean_relative_error_uncompensated": float(np.mean([e["uncompensated"] for e in errors])) if errors else 0.0,
+            "mean_relative_error_compensated": float(np.mean([e["compensated"] for e in errors])) if errors else 0.0,
+        }
+        del runner
+        timings["compensation"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result_model, report_extra = rewrite(model, groups, chosen, removed, calibration=calibration,
+                                         compensate=compensate, release_input=release_input,
+                                         compensated=compensated)
     timings["rewrite"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
     after = sum(p.numel() for p in _unique_params(result_model))
     layer_after = _layer_params(result_model)
-    flops_removed = sum(len(r) * groups.by_id(g).flops_per_unit for g, r in plan.removed.items())
+    flops_removed = sum(len(r) * groups.by_id(g).flops_per_unit for g, r in removed.items())
     kept = {}
     for g in chosen:
-        kept.setdefault(g.kind, {})[str(g.layer)] = g.units - len(plan.removed.get(g.id, ()))
+        kept.setdefault(g.kind, {})[str(g.layer)] = g.units - len(removed.get(g.id, ()))
     report = {
         "graphprune_version": _version(),
         "model": getattr(loaded, "name", type(model).__name__) if loaded else type(model).__name__,
         "criterion": criterion, "criterion_options": criterion_options or {}, "allocation": allocation,
-        "target": target, "target_note": target_note, "compensate": compensate, "requested_sparsity": float(sparsity), "seed": seed,
+        "target": target, "target_note": target_note, "compensate": compensate, "layerwise": layerwise_report,
+        "requested_sparsity": float(sparsity), "seed": seed,
         "calibration": calib_note,
         "params": {"before": before, "after": after, "layers_before": total_layer_params, "layers_after": layer_after,
                    "achieved_sparsity": (total_layer_params - layer_after) / total_layer_params},
@@ -292,12 +335,13 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
         "trace": groups.graph.notes,
         **report_extra,
     }
-    return CompressResult(result_model, report, groups, plan.removed)
+    return CompressResult(result_model, report, groups, removed)
 
 
 def rewrite(model: torch.nn.Module, groups: GroupSet, chosen: list[Group], removed: dict[str, np.ndarray], *,
             calibration: Calibration | None = None, compensate: str = "none",
-            release_input: bool = False) -> tuple[torch.nn.Module, dict]:
+            release_input: bool = False, compensated: dict[str, torch.Tensor] | None = None,
+            ) -> tuple[torch.nn.Module, dict]:
     """Apply the passes and return a freshly built, validated model of the pruned shape.
 
     Unpruned tensors are shared with the input model, not copied. With `release_input` the input
@@ -308,7 +352,15 @@ def rewrite(model: torch.nn.Module, groups: GroupSet, chosen: list[Group], remov
     state = {k: v.detach() for k, v in model.state_dict().items()}
     extra: dict[str, Any] = {}
     new_biases: list[str] = []
-    if compensate == "bias" and calibration is not None:
+    if compensated is not None:  # [W | b] per consumer from the layerwise pass (removed columns are zero)
+        for module, w_aug in compensated.items():
+            dtype = state[f"{module}.weight"].dtype
+            state[f"{module}.weight"] = w_aug[:, :-1].to(dtype).contiguous()
+            if f"{module}.bias" not in state:
+                new_biases.append(module)
+            state[f"{module}.bias"] = w_aug[:, -1].to(dtype).contiguous()
+        extra["compensated_layers"] = len(compensated)
+    elif compensate == "bias" and calibration is not None:
         comp = BiasCompensation().run(state, chosen, removed, calibration)
         new_biases = comp.new_biases
         extra["compensated_layers"] = len(comp.bias_delta)

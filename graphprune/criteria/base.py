@@ -60,6 +60,13 @@ class Criterion:
         allocator standardise the raw scores per kind across all layers."""
         return None
 
+    def reselect(self, group: Group, consumer: ParamSlice, weight_aug: torch.Tensor, gram, count: int,
+                 dead_columns: np.ndarray) -> np.ndarray | None:
+        """Sequential mode: which `count` units of `group` to remove, given its consumer layer's
+        [W | b] and the Gram matrix of that layer's input measured on the already pruned upstream
+        blocks; None keeps the allocator's choice (criteria that do not read activations)."""
+        return None
+
     def channel_stats(self, group: Group, ctx: ScoringContext, fn, column_transform=None) -> np.ndarray:
         """Average fn(stats, W_columns) over the consumer columns of each unit.
 
@@ -105,6 +112,13 @@ class ChannelCriterion(Criterion):
 
     def score(self, group, ctx):
         return self.channel_stats(group, ctx, self.column_metric)
+
+    def reselect(self, group, consumer, weight_aug, gram, count, dead_columns):
+        per_column = self.column_metric(gram.input_stats(), weight_aug[:, :-1])
+        idx = torch.as_tensor(consumer.indices, dtype=torch.long)
+        scores = per_column[idx].mean(dim=1).numpy()
+        order = np.lexsort((np.arange(len(scores)), scores))  # lowest first, ties by index
+        return np.sort(order[:count])
 
     def global_score(self, group, ctx, raw):
         def standardise(metric):

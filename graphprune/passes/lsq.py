@@ -1,0 +1,160 @@
+"""Least-squares reconstruction of a linear layer whose input channels were pruned, and structured OBS.
+
+A consumer layer y = W x + b (o_proj, down_proj, ...) loses the input columns R of its pruned
+units. With the calibration Gram matrix H = E[x̃ x̃ᵀ] of its augmented input x̃ = (x, 1), and
+W̃ = [W | b], the kept columns K (the bias column always among them) are refit to minimise
+E‖W̃ x̃ − W̃' x̃‖² subject to W̃'[:, R] = 0:
+
+    W̃'[:, K] = W̃ · Hλ[:, K] · Hλ[K, K]⁻¹,      Hλ = H + λ·I,  λ = damp · mean(diag H)
+
+The whole H is damped (SparseGPT's dampening), not only the kept block: the λ·W̃[:, K] term it
+adds pulls the refit toward the original weights, where damping only Hλ[K, K] would shrink the kept
+weights toward zero. Solved through a Cholesky factor; nothing is inverted explicitly except for
+OBS, which needs H⁻¹ itself (from the Cholesky factor, `cholesky_inverse`).
+
+Structured OBS (ZipLM / SlimGPT): removing the column block C of one unit costs
+    ε(C) = tr(W̃[:, C] · (H⁻¹[C, C])⁻¹ · W̃[:, C]ᵀ)
+after the optimal update of the other columns, W̃ ← W̃ − W̃[:, C]·(H⁻¹[C, C])⁻¹·H⁻¹[C, :], and H⁻¹ is
+downdated the same way. Greedy removal by smallest ε keeps selection and compensation consistent;
+the final weights equal the least-squares refit above for the removed set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEFAULT_DAMP = 0.01
+
+
+def damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + λI with λ = damp · mean(diag H); a small floor keeps an all-zero (dead) input solvable."""
+    diag_mean = float(torch.diagonal(gram).mean())
+    lam = damp * diag_mean if diag_mean > 0 else 1.0
+    return gram + max(lam, 1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+
+
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor, adding jitter if rounding left the (damped) matrix not quite positive definite."""
+    jitter = 0.0
+    scale = float(torch.diagonal(matrix).abs().mean()) or 1.0
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * torch.eye(matrix.shape[0], dtype=matrix.dtype))
+        if int(info) == 0:
+            return factor
+        jitter = scale * (1e-10 if jitter == 0 else jitter / scale * 100)
+    raise ValueError("matrix is not positive definite even after jitter")
+
+
+def augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[W | b] in float64 (b = 0 for a layer without bias)."""
+    w = weight.detach().to(torch.float64)
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    return torch.cat([w, b[:, None]], dim=1)
+
+
+def refit(weight_aug: torch.Tensor, gram: torch.Tensor, removed_columns: np.ndarray,
+          damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """W̃' of the module docstring: the removed columns are zero, the kept ones (and bias) refit."""
+    n = gram.shape[0]
+    removed = np.unique(np.asarray(removed_columns, dtype=np.int64))
+    if removed.size == 0:
+        return weight_aug.clone()
+    kept = torch.as_tensor(np.setdiff1d(np.arange(n), removed))
+    h = damped(gram, damp)
+    rhs = weight_aug @ h[:, kept]  # [out, |K|]
+    factor = _cholesky(h[kept][:, kept])
+    solved = torch.cholesky_solve(rhs.T.contiguous(), factor).T
+    out = torch.zeros_like(weight_aug)
+    out[:, kept] = solved
+    return out
+
+
+def bias_only(weight_aug: torch.Tensor, gram: torch.Tensor, removed_columns: np.ndarray) -> torch.Tensor:
+    """FLAP's compensation in the same form: removed columns zeroed, b += W[:, R]·mean(x_R)."""
+    removed = torch.as_tensor(np.unique(np.asarray(removed_columns, dtype=np.int64)))
+    out = weight_aug.clone()
+    if removed.numel():
+        mean = gram[-1, :-1] / gram[-1, -1]  # E[x] / E[1]
+        out[:, -1] += weight_aug[:, removed] @ mean[removed]
+        out[:, removed] = 0
+    return out
+
+
+def reconstruction_error(weight_aug: torch.Tensor, new_aug: torch.Tensor, gram: torch.Tensor) -> float:
+    """E‖W̃ x̃ − W̃' x̃‖² under the calibration Gram."""
+    delta = weight_aug - new_aug
+    return float(torch.einsum("oi,ij,oj->", delta, gram, delta))
+
+
+@dataclass
+class ObsPath:
+    """Greedy OBS removal of one group's units on one consumer layer."""
+
+    order: list[int]  # units in the order they were removed
+    step_error: list[float]  # reconstruction error added by each removal (a chunk shares its error)
+    weight_aug: torch.Tensor  # W̃ after the removals (only when asked for)
+
+
+def obs_greedy(weight_aug: torch.Tensor, gram: torch.Tensor, unit_columns: np.ndarray, count: int, *,
+               damp: float = DEFAULT_DAMP, steps: int = 64, dead_columns: np.ndarray | None = None) -> ObsPath:
+    """Remove `count` of the units (`unit_columns[u]` = the consumer columns of unit u) greedily.
+
+    Units are removed in chunks of ceil(count / steps) from one error snapshot each (a chunk's
+    update is exact for the chunk; only its choice shares one snapshot), so 1536 FFN channels cost
+    about `steps` Gram downdates, not 1536. `dead_columns` are columns already removed by another
+    group on the same layer (they start removed).
+    """
+    w = weight_aug.clone()
+    hinv = torch.cholesky_inverse(_cholesky(damped(gram, damp)))
+    columns = torch.as_tensor(np.asarray(unit_columns, dtype=np.int64))  # [U, width]
+    alive = torch.ones(columns.shape[0], dtype=torch.bool)
+    order: list[int] = []
+    step_error: list[float] = []
+    if dead_columns is not None and len(dead_columns):
+        _remove_columns(w, hinv, torch.as_tensor(np.asarray(dead_columns, dtype=np.int64)))
+    chunk = max(1, -(-count // max(steps, 1)))
+    while len(order) < count:
+        candidates = torch.nonzero(alive).flatten()
+        cols = columns[candidates]  # [C, width]
+        errors = _unit_errors(w, hinv, cols)
+        take = min(chunk, count - len(order))
+        best = candidates[torch.argsort(errors, stable=True)[:take]]
+        removed_cols = columns[best].reshape(-1)
+        before = w.clone() if take > 1 else None
+        err = _remove_columns(w, hinv, removed_cols)
+        if before is not None:
+            err = err / take
+        alive[best] = False
+        order.extend(int(u) for u in best)
+        step_error.extend([err] * take)
+    return ObsPath(order, step_error, w)
+
+
+def _unit_errors(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """ε(C) for each row of `cols` (one unit's columns each)."""
+    if cols.shape[1] == 1:
+        c = cols[:, 0]
+        return (w[:, c] ** 2).sum(0) / torch.diagonal(hinv)[c].clamp_min(1e-30)
+    blocks = hinv[cols[:, :, None], cols[:, None, :]].contiguous()  # [U, width, width]
+    wc = w[:, cols].permute(1, 2, 0).contiguous()  # [U, width, out]
+    solved = torch.linalg.solve(blocks, wc)
+    return (wc * solved).sum(dim=(1, 2))
+
+
+def _remove_columns(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> float:
+    """OBS update removing the column block `cols` in place; returns the error it adds."""
+    block = hinv[cols][:, cols]
+    factor = _cholesky(block)
+    wc = w[:, cols]
+    coef = torch.cholesky_solve(wc.T.contiguous(), factor).T  # W_C · B⁻¹   [out, |C|]
+    error = float((coef * wc).sum())
+    rows = hinv[cols, :]  # [|C|, n]
+    w -= coef @ rows
+    hinv -= hinv[:, cols] @ torch.cholesky_solve(rows, factor)
+    w[:, cols] = 0
+    hinv[cols, :] = 0
+    hinv[:, cols] = 0
+    return error
