@@ -147,6 +147,8 @@ def _compress_onnx(args, loaded) -> int:
 
     if args.export:
         raise UserError("--export applies to PyTorch models; an ONNX input is written as ONNX already")
+    if args.sequential:
+        raise UserError("--sequential runs PyTorch blocks one by one; it is not available for ONNX input")
     out = prepare_output_file(args.out, inputs=[loaded.path], force=args.force)
     result = compress_onnx(loaded.onnx_model, criterion=args.criterion, sparsity=args.sparsity,
                            allocation=args.allocation, target=args.target, calib=args.calib, nsamples=args.nsamples,

@@ -487,9 +487,10 @@ def compress_onnx(model: str | Path | onnx.ModelProto, *, criterion: str = "magn
     chosen = select_groups(groups, target)
     blocked = [b for b in groups.blocked_ops]
     needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
-    if "gradients" in needs or allocation == "cfsp":
-        raise PruningError(f"criterion '{criterion}' / allocation '{allocation}' need gradients or block angles, "
-                           f"which ONNX-native pruning does not compute; use magnitude, wanda-sp or flap")
+    if needs & {"gradients", "gram"} or allocation == "cfsp" or compensate == "lsq":
+        raise PruningError(f"criterion '{criterion}' / allocation '{allocation}' / compensation '{compensate}' "
+                           f"need gradients, Gram matrices or block angles, which ONNX-native pruning does not "
+                           f"compute; use magnitude, wanda-sp or flap (compensate none or bias)")
     calibration = None
     calib_note = None
     if "activations" in needs:

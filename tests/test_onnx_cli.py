@@ -195,5 +195,9 @@ def test_onnx_compress_bad_outputs_and_options(cli, llama_onnx, tmp_path):
     no_tokenizer.write_bytes(llama_onnx.read_bytes())
     assert_user_error(cli("compress", no_tokenizer, "--criterion", "flap", "--out", tmp_path / "f.onnx"),
                       "tokenizer")
+    assert_user_error(cli("compress", llama_onnx, "--criterion", "taylor", "--out", tmp_path / "t.onnx"),
+                      "ONNX-native pruning does not compute")
+    assert_user_error(cli("compress", llama_onnx, "--criterion", "flap", "--compensate", "lsq",
+                          "--out", tmp_path / "l.onnx"), "ONNX-native pruning does not compute")
     assert_user_error(cli("bench", llama_onnx, "--batch", "0"), "--batch")
     assert_user_error(cli("bench", llama_onnx, "--shapes", "1by8"), "--shapes")
