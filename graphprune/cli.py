@@ -105,6 +105,11 @@ def cmd_compress(args) -> int:
           f"{r['flops_per_token']['after']:.3g}")
     if r.get("target_note"):
         print(f"note: {r['target_note']}")
+    if args.calib == "none":
+        cal = r.get("calibration")
+        print("calibration: none needed (weight-only criterion and compensation)" if cal is None else
+              f"calibration: --calib none, so the model generated its own {cal['nsamples']}x{cal['seqlen']} tokens "
+              f"(seed {cal['seed']}, temperature {cal['generation']['temperature']}); the text is in the report")
     layout = "uniform layers: loads with transformers' from_pretrained" if r["uniform_layers"] else \
         "per-layer sizes: load with graphprune.load_pruned(path)"
     if r["floored_groups"]:
@@ -251,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None,
                    help="comma list of: channels, heads (whole KV groups under GQA), query-heads; default: "
                         "channels,heads where the config can express head removal, else channels")
-    p.add_argument("--calib", default="default", help="text file, 'default' (bundled excerpt) or hf:dataset")
+    p.add_argument("--calib", default="default", help="text file, 'default' (bundled excerpt), hf:dataset, or 'none' (the model generates its own "
+                        "calibration text; weight-only criteria need none)")
     p.add_argument("--nsamples", type=_positive_int, default=128)
     p.add_argument("--seqlen", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)

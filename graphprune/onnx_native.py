@@ -497,6 +497,9 @@ def compress_onnx(model: str | Path | onnx.ModelProto, *, criterion: str = "magn
         if tokenizer is None:
             raise CalibrationError(f"criterion '{criterion}' needs calibration text: put the tokenizer files "
                                    f"next to the .onnx file")
+        if str(calib) == "none":
+            raise CalibrationError("--calib none lets a PyTorch model write its own calibration text; for ONNX "
+                                   "input give a text file or 'default'")
         from .data.calibration import load_calibration
 
         batches = load_calibration(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)

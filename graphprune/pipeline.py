@@ -232,9 +232,18 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
             raise UserError(f"criterion '{criterion}' needs calibration text but the model has no tokenizer")
         from .data.calibration import load_calibration, needs_bos
 
-        batches = load_calibration(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                   add_bos=needs_bos(model))
-        calib_note = {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        if str(calib) == "none":  # no data: the model writes its own calibration text
+            from .data.selfgen import generate_calibration
+
+            generated = generate_calibration(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                             add_bos=needs_bos(model), progress=progress)
+            batches = generated.batches
+            calib_note = {"source": "none", "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                          "generation": generated.settings}
+        else:
+            batches = load_calibration(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                       add_bos=needs_bos(model))
+            calib_note = {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
         if needs & {"activations", "block_angles"}:
             modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g)})
             key = cache_key("stats-v1", _fingerprint(model), calib_note, modules, "block_angles" in needs)
@@ -252,6 +261,8 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
             from .layerwise import BlockRunner
 
             runner = BlockRunner(model, batches, batch_size=batch_size, progress=progress)
+        if str(calib) == "none":
+            calib_note["generated_text"] = generated.texts  # after the cache key: reproducibility record
         timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()

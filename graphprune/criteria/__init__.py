@@ -22,7 +22,7 @@ def register(cls: type[Criterion]) -> type[Criterion]:
 
 
 def _load_builtin() -> None:
-    from . import cfsp, fisher, flap, magnitude, obs, taylor, wanda_sp  # noqa: F401
+    from . import cfsp, fisher, flap, magnitude, obs, spectral, taylor, wanda_sp  # noqa: F401
 
 
 def _load_entry_points() -> None:

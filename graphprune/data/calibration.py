@@ -63,7 +63,8 @@ def read_calibration_text(source: str | Path) -> str:
             return default_calibration_text()
         if source == "none":
             raise CalibrationError(
-                "--calib none is not supported yet; use 'default', a UTF-8 text file or hf:NAME[:CONFIG[:SPLIT]]"
+                "'none' is not a text to read here (compress generates calibration text for --calib none); "
+                "use 'default', a UTF-8 text file or hf:NAME[:CONFIG[:SPLIT]]"
             )
         if source.startswith(HF_DATASET_PREFIX):
             return _read_hf_dataset_text(source)
