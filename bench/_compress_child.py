@@ -32,7 +32,7 @@ def main() -> None:
     else:
         result = compress(loaded, criterion=spec["criterion"], sparsity=spec["sparsity"],
                           allocation=spec["allocation"], target=spec.get("target"),
-                          calib=str(data_file("wiki.train.txt")), nsamples=PROTOCOL["calib_nsamples"],
+                          calib=spec.get("calib") or str(data_file("wiki.train.txt")), nsamples=PROTOCOL["calib_nsamples"],
                           seqlen=PROTOCOL["calib_seqlen"], seed=PROTOCOL["seed"],
                           compensate=spec.get("compensate"), progress=False, use_cache=spec.get("cache", True),
                           round_to=spec.get("round_to", 1), release_input=True,

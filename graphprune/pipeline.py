@@ -233,10 +233,14 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
         from .data.calibration import load_calibration, needs_bos
 
         if str(calib) == "none":  # no data: the model writes its own calibration text
-            from .data.selfgen import generate_calibration
+            from .data.selfgen import cached_generation, generate_calibration
 
-            generated = generate_calibration(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                             add_bos=needs_bos(model), progress=progress)
+            def generate():
+                return generate_calibration(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                            add_bos=needs_bos(model), progress=progress)
+
+            generated = cached_generation(cache_key("selfgen-v1", _fingerprint(model), nsamples, seqlen, seed),
+                                          generate) if use_cache else generate()
             batches = generated.batches
             calib_note = {"source": "none", "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                           "generation": generated.settings}

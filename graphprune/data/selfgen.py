@@ -72,3 +72,31 @@ def generate_calibration(model: torch.nn.Module, tokenizer: Any, *, nsamples: in
     settings = {"method": "self-generated", "temperature": temperature, "top_p": top_p, "seed": seed,
                 "openers": list(OPENERS), "bos": bool(prefix)}
     return GeneratedCalibration(batches, texts, settings)
+
+
+def cached_generation(key: str, generate) -> GeneratedCalibration:
+    """`generate()` once per key: the token ids (safetensors) and texts/settings (JSON) are kept in the
+    calibration cache, so re-pruning at another sparsity does not sample again."""
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from ..calibrate import cache_dir
+
+    directory = cache_dir()
+    ids_path, meta_path = directory / f"{key}.safetensors", directory / f"{key}.json"
+    if ids_path.exists() and meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            return GeneratedCalibration(load_file(str(ids_path))["ids"], meta["texts"], meta["settings"])
+        except Exception:  # noqa: BLE001 - a damaged cache entry is regenerated, never trusted
+            pass
+    result = generate()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{key}.{os.getpid()}.tmp"
+    save_file({"ids": result.batches.contiguous()}, str(tmp))
+    os.replace(tmp, ids_path)
+    tmp.write_text(json.dumps({"texts": result.texts, "settings": result.settings}), encoding="utf-8")
+    os.replace(tmp, meta_path)
+    return result
