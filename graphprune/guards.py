@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -65,31 +64,7 @@ def _mb(n: int) -> str:
 # --- ONNX external data ---------------------------------------------------------------------------
 
 
-def check_onnx_external_data(onnx_path: Path) -> None:
-    """Refuse external-data locations that are absolute, leave the model's directory (`..`, symlinks)
-    or name a missing file, before onnx reads any of them."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - the loader reports unreadable protobufs itself
-        return
-    base = onnx_path.resolve().parent
-    for tensor in _graph_tensors(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        where = f"{onnx_path}: tensor '{tensor.name}' stores its data in '{location}'"
-        if not location or os.path.isabs(location) or Path(location).drive:
-            raise ModelLoadError(f"{where}, which is not a path relative to the model directory; refused")
-        target = (base / location).resolve()
-        if base not in target.parents:
-            raise ModelLoadError(f"{where}, which is outside the model directory {base}; refused")
-        if not target.is_file():
-            raise ModelLoadError(f"{where}, which is missing")
-
-
-def _graph_tensors(graph):
+def graph_tensors(graph):
     """Every TensorProto of `graph`: initializers, sparse initializers, attribute tensors, subgraphs."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -100,9 +75,9 @@ def _graph_tensors(graph):
                 yield attribute.t
             yield from attribute.tensors
             if attribute.HasField("g"):
-                yield from _graph_tensors(attribute.g)
+                yield from graph_tensors(attribute.g)
             for subgraph in attribute.graphs:
-                yield from _graph_tensors(subgraph)
+                yield from graph_tensors(subgraph)
 
 
 # --- configs against weights ---------------------------------------------------------------------

@@ -79,8 +79,8 @@ class Criterion:
             st = ctx.input_stats(s)
             if st is None:
                 continue
-            # [out, in] whatever the storage: GPT-2's Conv1D keeps [in, out] (its input axis is 0).
-            w = ctx.params[s.param].detach().to(torch.float64).movedim(s.axis, -1)
+            # [out, in]: a torch Linear weight as it is, an ONNX MatMul weight [in, out] transposed
+            w = ctx.params[s.param].detach().movedim(s.axis, -1).to(torch.float64)
             idx = torch.as_tensor(s.indices, dtype=torch.long)  # [units, width]
             per_column = fn(st, w)  # [in]
             if column_transform is not None:

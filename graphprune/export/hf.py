@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,11 +47,14 @@ def prepare_output(out: str | Path, *, inputs: list[Path] = (), force: bool = Fa
 
 
 def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = None, report: dict | None = None,
-                source_dir: Path | None = None, force: bool = False) -> Path:
+                source_dir: Path | None = None, force: bool = False,
+                also: Callable[[Path], None] | None = None) -> Path:
     """Save config + safetensors (+ tokenizer, report.json, sentence-transformers files) into `out`.
 
     Everything goes to a temporary sibling directory first; it replaces `out` only when complete,
-    so an interrupted run never leaves a half-written model that looks finished.
+    so an interrupted run never leaves a half-written model that looks finished. `also(tmp)`
+    writes more files into that directory before it is renamed (the ONNX export of compress
+    --export onnx): when it fails, nothing is written.
     """
     out = Path(out).expanduser().resolve()
     require_free_space(out.parent, model_bytes(model) + OUTPUT_FILES_SLACK_BYTES, what=f"the pruned model to {out}")
@@ -60,15 +63,9 @@ def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = Non
     try:
         with _write_errors_as_output_errors(out):
             _write_files(model, tmp, tokenizer=tokenizer, report=report, source_dir=source_dir)
-        if out.exists():
-            if not force and any(out.iterdir()):
-                raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        if also is not None:
+            also(tmp)
+        replace_directory(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -109,6 +106,19 @@ def _write_errors_as_output_errors(out: Path):
             raise
         detail = str(error).split("I/O error:", 1)[1].strip()
         raise OutputError(f"could not write {out}: {detail}; nothing was written") from error
+
+
+def replace_directory(tmp: Path, out: Path, *, force: bool = False) -> None:
+    """Move the finished temporary directory `tmp` to `out` (replacing it only with force)."""
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

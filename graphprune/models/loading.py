@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from graphprune.errors import ModelLoadError
-from graphprune.guards import check_config_fits_weights, check_onnx_external_data, safetensors_elements
+from graphprune.guards import check_config_fits_weights, safetensors_elements
 from graphprune.models.aliases import (
     BUNDLED_ALIASES,
     cache_root,
@@ -516,13 +516,10 @@ def _remove_stale_conversions(cache_dir: Path) -> None:
 def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
     import onnx
 
-    check_onnx_external_data(onnx_path)
-    try:
-        onnx_model = onnx.load(str(onnx_path))
-    except Exception as error:  # protobuf DecodeError for truncated files, missing external data, ...
-        raise ModelLoadError(
-            f"{onnx_path} is not a readable ONNX model (corrupt or truncated?): {_first_line(error)}"
-        ) from error
+    from ..onnx_io import load_checked
+
+    # opset within the rules' range; external data present and inside the model's directory
+    onnx_model = load_checked(onnx_path)
     try:
         # The path form also works for models over 2 GB with external data.
         onnx.checker.check_model(str(onnx_path))
