@@ -41,7 +41,7 @@ def main() -> None:
         model = result.model
         out.update(achieved=result.report["params"]["achieved_sparsity"],
                    uniform=result.report["uniform_layers"], stages=result.report["timings_s"],
-                   cached=bool((result.report.get("calibration") or {}).get("cached")),
+                   cached=result.report.get("calibration_cache") == "hit",
                    layerwise=result.report.get("layerwise"))
     out["compress_s"] = time.perf_counter() - started
     out["peak_rss_mb"] = peak_rss_mb()

@@ -69,9 +69,8 @@ def child(spec: dict) -> None:
                           release_input=True)
         report = result.report
         model = result.model
-        calibration = report.get("calibration") or {}
         out.update(achieved=report["params"]["achieved_sparsity"], uniform=report["uniform_layers"],
-                   cached=bool(calibration.get("cached") or calibration.get("gradients_cached")),
+                   cached="hit" in (report.get("calibration_cache"), report.get("gradient_cache")),
                    diagnostics=report.get("criterion_diagnostics"), stages=report["timings_s"])
         out["compress_s"] = time.perf_counter() - started
         out["peak_rss_mb"] = peak_rss_mb()

@@ -97,6 +97,8 @@ def info_nce(queries: torch.Tensor, positives: torch.Tensor, temperature: float 
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    if len(texts) > 1 and getattr(tokenizer, "pad_token_id", None) is None:
+        raise UserError("the tokenizer defines no padding token, which batches of texts of an embedding model need")
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 

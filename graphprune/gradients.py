@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .calibrate import read_cache_entry, write_cache_entry
+from .calibrate import read_cache_entry, write_cache_tensors
 from .graph.groups import Group
 
 LossStep = Callable[[], torch.Tensor]
@@ -41,15 +41,17 @@ def unit_gradients(model: torch.nn.Module, steps: Sequence[LossStep], chosen: li
                    keep_gradients: bool = False, desc: str = "gradients") -> GradientStats:
     from tqdm.auto import tqdm
 
-    params = dict(model.named_parameters())
+    # Every name of a tied tensor (lm_head.weight and embed_tokens.weight), since groups use either.
+    params = dict(model.named_parameters(remove_duplicate=False))
     units = {g.id: {"sum": np.zeros(g.units), "sumsq": np.zeros(g.units), "batches": 0} for g in chosen}
     needed = {s.param for g in chosen for s in g.slices}
+    needed_ids = {id(params[name]) for name in needed}
     sums: dict[str, torch.Tensor] = {}
     total_loss = 0.0
     was_training = model.training
     model.eval()  # dropout off: the statistics describe the deployed model
-    for name, p in params.items():
-        p.requires_grad_(name in needed)
+    for p in params.values():
+        p.requires_grad_(id(p) in needed_ids)
     try:
         for step in tqdm(steps, desc=desc, disable=not progress, leave=False):
             model.zero_grad(set_to_none=True)
@@ -64,10 +66,14 @@ def unit_gradients(model: torch.nn.Module, steps: Sequence[LossStep], chosen: li
                         acc += grad.to(torch.float64)
             for g in chosen:
                 per_unit = torch.zeros(g.units, dtype=torch.float64)
+                counted = set()
                 for s in g.slices:
                     p = params[s.param]
-                    if p.grad is None:
+                    # A tied tensor's gradient already sums both uses: count its slice once.
+                    key = (id(p), s.axis, np.asarray(s.indices).tobytes())
+                    if p.grad is None or key in counted:
                         continue
+                    counted.add(key)
                     wg = (p.detach() * p.grad).to(torch.float64).movedim(s.axis, 0)
                     idx = torch.as_tensor(s.indices)
                     per_unit += wg[idx.reshape(-1)].reshape(g.units, -1).sum(1)
@@ -150,7 +156,7 @@ def _save_terms(key: str, terms: GradientTerms) -> None:
         tensors[f"alignment/{gid}"] = torch.from_numpy(np.asarray(values, dtype=np.float64))
     for which, loss in terms.mean_loss.items():
         tensors[f"loss/{which}"] = torch.tensor([loss], dtype=torch.float64)
-    write_cache_entry(key, tensors)
+    write_cache_tensors(key, tensors)
 
 
 def _load_terms(key: str, chosen: list[Group]) -> GradientTerms | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -17,8 +18,9 @@ from . import criteria as criteria_mod
 from .calibrate import Calibration, cache_key, collect, find_blocks, load_cached, save_cached
 from .criteria.base import MissingStatistics, ScoringContext, consumer_slices, module_of
 from .errors import PruningError, UserError
+from .guards import check_finite_weights
 from .graph import GroupSet, analyze
-from .graph.groups import PRUNABLE, OPT_IN, Group
+from .graph.groups import BLOCKED, PRUNABLE, OPT_IN, Group
 from .passes import BiasCompensation, ConfigRewrite, SliceParameters, Validate
 from .passes.config import instantiate
 
@@ -114,7 +116,9 @@ def select_groups(groups: GroupSet, target: str) -> list[Group]:
     if not chosen:
         blocked = [g for g in groups if g.kind in kinds]
         if blocked:
-            reasons = "; ".join(sorted({(g.reason or g.status) for g in blocked})[:2])
+            # An op without a rule is what the user can act on: name it before structural reasons.
+            reasons = "; ".join(sorted({(g.reason or g.status) for g in blocked},
+                                       key=lambda r: (not r.startswith("blocked by"), r))[:2])
             raise PruningError(f"no prunable {target} groups: {reasons}")
         raise PruningError(f"the model has no {target} groups to prune")
     return chosen
@@ -180,6 +184,7 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     loaded, model, tokenizer = resolve_model(model, tokenizer)
     if model is None:
         raise UserError("compress needs a PyTorch model here (ONNX-native pruning is not available yet)")
+    check_finite_weights(model)
     model.eval()
     from .embedding import is_encoder, pooling_of
 
@@ -202,9 +207,22 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     timings["trace"] = time.perf_counter() - t
 
     needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
+    # Encoders get InfoNCE on pairs (embedding.py); other models need an LM loss.
+    if "gradients" in needs and not encoder and "labels" not in inspect.signature(model.forward).parameters:
+        others = [n for n in criteria_mod.available() if "gradients" not in criteria_mod.get(n).needs]
+        raise PruningError(f"criterion '{criterion}' needs the gradient of a language-model loss, which "
+                           f"{type(model).__name__} does not compute; choose one of {', '.join(others)}")
     layerwise = compensate == "lsq" or sequential or "gram" in scorer.needs
     if layerwise:
         needs = needs | {"gram"}
+        # The least-squares path reads consumer weights as [out, in]; GPT-2's Conv1D stores [in, out].
+        transposed = sorted({s.param for g in chosen for s in consumer_slices(g)
+                             if s.expert is None and s.axis != model.get_parameter(s.param).dim() - 1})
+        if transposed:
+            asked = [what for what, on in (("--compensate lsq", compensate == "lsq"), ("--sequential", sequential),
+                                           (f"criterion '{criterion}'", "gram" in scorer.needs)) if on]
+            raise PruningError(f"{' and '.join(asked)} cannot handle weights stored as [in, out] yet (e.g. "
+                               f"{transposed[0]}, a Conv1D): use --compensate bias or none, without --sequential")
     if allocation == "cfsp":
         needs = needs | {"block_angles"}
     calibration: Calibration | None = None
@@ -212,6 +230,8 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
     general_grads: dict = {}
     alignment: dict = {}
     calib_note = None
+    cache_state = None
+    gradient_cache = None
     if needs:
         t = time.perf_counter()
         if tokenizer is None:
@@ -248,13 +268,12 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
             modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g)})
             key = cache_key("stats-v1", _fingerprint(model), calib_note, modules, "block_angles" in needs)
             calibration = load_cached(key) if use_cache else None
+            cache_state = "hit" if calibration is not None else "miss" if use_cache else "off"
             if calibration is None:
                 calibration = collect(model, batches, input_modules=modules, block_angles="block_angles" in needs,
                                       batch_size=batch_size, progress=progress)
                 if use_cache:
                     save_cached(key, calibration)
-            else:
-                calib_note["cached"] = True
         if "gradients" in needs:
             from .gradients import gradient_terms
 
@@ -264,8 +283,8 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
             terms = gradient_terms(model, chosen, domain.steps, general and general.steps, progress=progress,
                                    cache_key=key if use_cache else None)
             unit_grads, general_grads, alignment = terms.domain, terms.general, terms.alignment
-            calib_note = {**calib_note, "mean_loss": round(terms.mean_loss["domain"], 6),
-                          **({"gradients_cached": True} if terms.cached else {})}
+            calib_note = {**calib_note, "mean_loss": round(terms.mean_loss["domain"], 6)}
+            gradient_cache = "hit" if terms.cached else "miss" if use_cache else "off"
             if general is not None:
                 calib_note["general"] = {**general.note, "mean_loss": round(terms.mean_loss["general"], 6)}
         if layerwise:
@@ -353,8 +372,13 @@ def compress(model: Any, *, criterion: str = "flap", sparsity: float = 0.2, allo
                    "achieved_sparsity": (total_layer_params - layer_after) / total_layer_params},
         "flops_per_token": {"before": flops_before, "after": flops_before - flops_removed},
         "kept_units": kept, "floored_groups": plan.floored, "allocation_notes": plan.notes,
+        "blocked_groups": [{"scope": g.scope, "kind": g.kind, "reason": g.reason} for g in groups if g.status == BLOCKED],
+        # Measurements of this run, not of its result: save_pruned writes them apart from the rest
+        # (RUN_REPORT_KEYS) so that the same inputs and seed give a byte-identical report.
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "calibration_cache": cache_state,
+        **({"gradient_cache": gradient_cache} if gradient_cache else {}),
         "trace": groups.graph.notes,
         **report_extra,
     }

@@ -216,6 +216,31 @@ def test_bias_compensation_lowers_the_layer_output_error(model, batches):
     assert (full - compensated).pow(2).mean() < (full - pruned).pow(2).mean()
 
 
+def test_conv1d_consumers_are_read_along_their_input_axis(tokenizer, calib_file):
+    """GPT-2's Conv1D stores c_proj as [in, out]: FLAP's column metric and the compensation bias must
+    use the input axis there (they crashed, or were silently wrong for square layers, before)."""
+    from graphprune.testing.zoo import build_tiny
+
+    model, _ = build_tiny("gpt2", vocab_size=258, n_inner=24)
+    batches = load_calibration(str(calib_file), tokenizer, nsamples=8, seqlen=32, seed=0)
+    groups = analyze(model)
+    g = next(g for g in groups if g.kind == "channel" and g.layer == 0 and g.prunable)
+    module = "transformer.h.0.mlp.c_proj"
+    calibration = collect(model, batches, input_modules=[module], progress=False)
+    ctx = ScoringContext(model, groups, _all_params(model), calibration, {})
+    w = model.get_parameter(f"{module}.weight").detach().double()  # [in 24, out 64]
+    expected = calibration.inputs[module].var * w.pow(2).sum(1)
+    np.testing.assert_allclose(criteria.get("flap").score(g, ctx), expected.numpy(), rtol=1e-6)
+
+    removed = {g.id: np.arange(0, 24, 2)}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bias_before = state[f"{module}.bias"].double().clone()
+    BiasCompensation().run(state, [g], removed, calibration)
+    mean = calibration.inputs[module].mean
+    torch.testing.assert_close(state[f"{module}.bias"].double() - bias_before,
+                               (w[0:24:2].T @ mean[0:24:2]).to(torch.float32).double(), rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- round trip
 RELOAD = """
 import sys, torch

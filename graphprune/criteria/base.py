@@ -88,7 +88,8 @@ class Criterion:
             st = ctx.input_stats(s)
             if st is None:
                 continue
-            w = ctx.params[s.param].detach().to(torch.float64)  # [out, in]
+            # [out, in]: a torch Linear weight as it is, an ONNX MatMul weight [in, out] transposed
+            w = ctx.params[s.param].detach().movedim(s.axis, -1).to(torch.float64)
             idx = torch.as_tensor(s.indices, dtype=torch.long)  # [units, width]
             per_column = fn(st, w)  # [in]
             if column_transform is not None:

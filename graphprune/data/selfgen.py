@@ -78,11 +78,10 @@ def cached_generation(key: str, generate) -> GeneratedCalibration:
     """`generate()` once per key: the token ids (safetensors) and texts/settings (JSON) are kept in the
     calibration cache, so re-pruning at another sparsity does not sample again."""
     import json
-    import os
 
     from safetensors.torch import load_file, save_file
 
-    from ..calibrate import cache_dir
+    from ..calibrate import cache_dir, write_cache_entry
 
     directory = cache_dir()
     ids_path, meta_path = directory / f"{key}.safetensors", directory / f"{key}.json"
@@ -93,10 +92,8 @@ def cached_generation(key: str, generate) -> GeneratedCalibration:
         except Exception:  # noqa: BLE001 - a damaged cache entry is regenerated, never trusted
             pass
     result = generate()
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{key}.{os.getpid()}.tmp"
-    save_file({"ids": result.batches.contiguous()}, str(tmp))
-    os.replace(tmp, ids_path)
-    tmp.write_text(json.dumps({"texts": result.texts, "settings": result.settings}), encoding="utf-8")
-    os.replace(tmp, meta_path)
+    # ids first: an entry counts only when both files exist
+    write_cache_entry(ids_path.name, lambda tmp: save_file({"ids": result.batches.contiguous()}, str(tmp)))
+    write_cache_entry(meta_path.name, lambda tmp: tmp.write_text(
+        json.dumps({"texts": result.texts, "settings": result.settings}), encoding="utf-8"))
     return result

@@ -10,7 +10,6 @@ ever guessed to be elementwise.
 from __future__ import annotations
 
 import operator
-import time
 from typing import Any, Callable
 
 import torch
@@ -603,7 +602,6 @@ def trace(model: torch.nn.Module, example_inputs: dict[str, Any] | tuple | None 
     if example_inputs is None:
         example_inputs = default_example_inputs(model, seq_len)
     args, kwargs = (tuple(example_inputs), {}) if isinstance(example_inputs, (tuple, list)) else ((), dict(example_inputs))
-    started = time.perf_counter()
     try:
         with torch.no_grad():
             exported = torch.export.export(model, args, kwargs, strict=False)
@@ -612,7 +610,7 @@ def trace(model: torch.nn.Module, example_inputs: dict[str, Any] | tuple | None 
                 # only when needed, since it costs about one more export.
                 exported = exported.run_decompositions({})
         graph = _from_exported(model, exported)
-        graph.notes.append(f"traced with torch.export in {time.perf_counter() - started:.1f}s")
+        graph.notes.append("traced with torch.export")
         return graph
     except TraceError:
         raise
@@ -621,9 +619,9 @@ def trace(model: torch.nn.Module, example_inputs: dict[str, Any] | tuple | None 
             raise TraceError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         export_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     graph = _trace_recorded(model, args, kwargs)
+    # Notes describe the graph, not the run: no timings (the report must be reproducible).
     graph.notes.append(f"torch.export failed ({export_error[:200]}); traced by recording the executed ops "
-                       f"into FX in {time.perf_counter() - started:.1f}s: the graph follows the branches the "
-                       f"example input takes")
+                       f"into FX: the graph follows the branches the example input takes")
     return graph
 
 
