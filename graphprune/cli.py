@@ -172,8 +172,8 @@ def _compress_onnx(args, loaded) -> int:
         raise UserError("--sequential runs PyTorch blocks one by one; it is not available for ONNX input")
     out = prepare_output_file(args.out, inputs=[loaded.path], force=args.force)
     result = compress_onnx(loaded.onnx_model, criterion=args.criterion, sparsity=args.sparsity,
-                           allocation=args.allocation, target=args.target, calib=args.calib, nsamples=args.nsamples,
-                           seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,
+                           allocation=args.allocation or "global", target=args.target, calib=args.calib,
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,
                            tokenizer=loaded.tokenizer, progress=not args.quiet)
     r = result.report
     entry = result.model.metadata_props.add()
