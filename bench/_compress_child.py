@@ -32,7 +32,7 @@ def main() -> None:
     else:
         result = compress(loaded, criterion=spec["criterion"], sparsity=spec["sparsity"],
                           allocation=spec["allocation"], target=spec.get("target"),
-                          calib=str(data_file("wiki.train.txt")), nsamples=PROTOCOL["calib_nsamples"],
+                          calib=spec.get("calib") or str(data_file("wiki.train.txt")), nsamples=PROTOCOL["calib_nsamples"],
                           seqlen=PROTOCOL["calib_seqlen"], seed=PROTOCOL["seed"],
                           compensate=spec.get("compensate"), progress=False, use_cache=spec.get("cache", True),
                           round_to=spec.get("round_to", 1), release_input=True,
@@ -41,7 +41,7 @@ def main() -> None:
         model = result.model
         out.update(achieved=result.report["params"]["achieved_sparsity"],
                    uniform=result.report["uniform_layers"], stages=result.report["timings_s"],
-                   cached=bool((result.report.get("calibration") or {}).get("cached")),
+                   cached=result.report.get("calibration_cache") == "hit",
                    layerwise=result.report.get("layerwise"))
     out["compress_s"] = time.perf_counter() - started
     out["peak_rss_mb"] = peak_rss_mb()

@@ -23,7 +23,7 @@ def data_file(name: str) -> Path:
     return path
 
 
-def run_child(module: str, spec: dict, timeout: int = 1800) -> dict:
+def run_child(module: str, spec: dict, timeout: int = 7200) -> dict:
     """Run `python -m module '<json spec>'` and return the JSON line it prints last."""
     proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -52,3 +52,28 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:.3g}"
     return str(v)
+
+
+def run_grid(log_name: str, specs: list[dict], columns: list[tuple[str, str]], *,
+             child: str = "bench._compress_child", extra=None) -> list[dict]:
+    """Run each spec in a fresh child, append its JSON line to bench/results/<log_name>.jsonl, and print
+    the markdown table (`extra(row)` may add derived columns). PPL rows get "× dense" (x_dense)."""
+    data_file("wiki.train.txt")  # the protocol's files: a clear message now, not in every child
+    data_file("wiki.test.txt")
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(exist_ok=True)
+    rows = []
+    with open(results_dir / f"{log_name}.jsonl", "a") as log:
+        for spec in specs:
+            row = run_child(child, spec)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if row.get("ppl"):
+                row["x_dense"] = row["ppl"] / DENSE_PPL_REFERENCE
+            if extra is not None:
+                extra(row)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    print(f"dense PPL (BENCHMARKS.md protocol): {DENSE_PPL_REFERENCE}")
+    print(markdown_table(rows, columns))
+    return rows

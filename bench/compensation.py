@@ -9,11 +9,9 @@ without `--sequential`, on SmolLM2-135M at 20% and 50% decoder-layer sparsity (p
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from bench.common import DENSE_PPL_REFERENCE as DENSE_PPL, data_file, markdown_table, run_child
+from bench.common import run_grid
 
 GRID = [f"{c}:global:{s}:{comp}{seq}" for s in (0.2, 0.5)
         for c, comp in (("flap", "none"), ("flap", "bias"), ("flap", "lsq"), ("obs", "lsq"))
@@ -35,29 +33,11 @@ def parse(arg: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    data_file("wiki.train.txt")
-    data_file("wiki.test.txt")
-    grid = [parse(a) for a in (argv or GRID)]
-    results_dir = Path(__file__).resolve().parent / "results"
-    results_dir.mkdir(exist_ok=True)
-    rows = []
-    with open(results_dir / "compensation.jsonl", "a") as log:
-        for spec in grid:
-            row = run_child("bench._compress_child", spec)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if row.get("ppl"):
-                row["x_dense"] = row["ppl"] / DENSE_PPL
-            lw = row.get("layerwise") or {}
-            row["rel_err"] = lw.get("mean_relative_error_compensated")
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"dense PPL (BENCHMARKS.md protocol): {DENSE_PPL}")
-    print(markdown_table(rows, [("criterion", "criterion"), ("allocation", "allocation"), ("sparsity", "sparsity"),
-                                ("compensate", "compensate"), ("sequential", "sequential"), ("damp", "damp"),
-                                ("achieved", "achieved"), ("PPL", "ppl"), ("× dense", "x_dense"),
-                                ("layer rel. error", "rel_err"), ("compress s", "compress_s"),
-                                ("peak RSS MB", "peak_rss_mb"), ("error", "error")]))
+    run_grid("compensation", [parse(a) for a in (argv or GRID)], [
+        ("criterion", "criterion"), ("allocation", "allocation"), ("sparsity", "sparsity"), ("compensate", "compensate"),
+        ("sequential", "sequential"), ("damp", "damp"), ("achieved", "achieved"), ("PPL", "ppl"), ("× dense", "x_dense"),
+        ("layer rel. error", "rel_err"), ("compress s", "compress_s"), ("peak RSS MB", "peak_rss_mb"), ("error", "error")],
+        extra=lambda row: row.update(rel_err=(row.get("layerwise") or {}).get("mean_relative_error_compensated")))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@ memory cost is one batch of activations plus O(channels) accumulators.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .errors import GraphpruneWarning
 
 
 @dataclass
@@ -132,8 +136,6 @@ def cache_dir() -> Path:
 
 def save_cached(key: str, calib: Calibration) -> None:
     """Keep statistics so re-pruning at another sparsity skips calibration (safetensors, no pickle)."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, st in calib.inputs.items():
         tensors[f"in/{name}/sum"] = st.sum
@@ -142,22 +144,49 @@ def save_cached(key: str, calib: Calibration) -> None:
     for index, angle in calib.block_angle.items():
         tensors[f"angle/{index}"] = torch.tensor([angle], dtype=torch.float64)
     tensors["tokens"] = torch.tensor([calib.tokens], dtype=torch.int64)
+    write_cache_tensors(key, tensors)
+
+
+def write_cache_tensors(key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Store named tensors under `key` as safetensors (no pickle); see `write_cache_entry`."""
+    from safetensors.torch import save_file
+
+    write_cache_entry(f"{key}.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                                                   str(tmp)))
+
+
+def write_cache_entry(name: str, write) -> None:
+    """`write(tmp_path)` then rename into `cache_dir()/name`; a cache that cannot be written warns once
+    and never fails the run (nor leaves a partial entry)."""
     directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{key}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, directory / f"{key}.safetensors")
+    tmp = directory / f".{name}.{os.getpid()}.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, directory / name)
+    except Exception as error:  # noqa: BLE001 - a cache that cannot be written must not fail the run
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        warnings.warn(f"calibration statistics not cached in {directory}: {str(error).splitlines()[0]}",
+                      GraphpruneWarning, stacklevel=3)
 
 
-def load_cached(key: str) -> Calibration | None:
+def read_cache_entry(key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors stored under `key`, or None when absent or unreadable."""
     from safetensors.torch import load_file
 
     path = cache_dir() / f"{key}.safetensors"
     if not path.exists():
         return None
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+        return None
+
+
+def load_cached(key: str) -> Calibration | None:
+    tensors = read_cache_entry(key)
+    if tensors is None:
         return None
     calib = Calibration(tokens=int(tensors.pop("tokens")[0]))
     for key_name, value in tensors.items():

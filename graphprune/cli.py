@@ -11,9 +11,10 @@ import argparse
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import GraphpruneError, UserError, ValidationError
+from .errors import GraphpruneError, GraphpruneWarning, UserError, ValidationError
 
 
 class Terminated(BaseException):
@@ -24,7 +25,7 @@ def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not strictly between 0 and 1")
     return value
@@ -34,7 +35,7 @@ def _damping(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 < value <= 10.0:
         raise argparse.ArgumentTypeError(f"{text} must be in (0, 10]")
     return value
@@ -44,7 +45,7 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1")
     return value
@@ -74,22 +75,44 @@ def cmd_inspect(args) -> int:
 
 def cmd_compress(args) -> int:
     from .export import prepare_output, save_pruned
+    from .guards import model_bytes
     from .pipeline import check_options, compress
 
     experts = {"expert_criterion": args.expert_criterion, "expert_sparsity": args.expert_sparsity,
                "expert_allocation": args.expert_allocation}
+    calibs = args.calib or ["default"]  # --calib repeats: several domains for the expert criteria
+    args.calib = calibs[0] if len(calibs) == 1 else calibs
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
-                  compensate=args.compensate, round_to=args.round_to, sequential=args.sequential, **experts)
+                  compensate=args.compensate, round_to=args.round_to, sequential=args.sequential,
+                  calib_general=args.calib_general, calib_sources=len(calibs), **experts)
+    from .data.pairs import PAIR_FILE_SUFFIXES, read_pairs
+
+    for source in (*calibs, args.calib_general):
+        if source and Path(source).suffix.lower() in PAIR_FILE_SUFFIXES:
+            read_pairs(source)  # a malformed pair file fails in a second, before the model loads
     loaded = _load(args.model, args)
-    out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
+    if loaded.kind == "onnx":
+        return _compress_onnx(args, loaded)
+    # A lower bound of the output's size (pruning keeps at least 1 - sparsity of the layers and all
+    # the rest; 0.9 absorbs the allocator's rounding): a disk too small for it fails now, not at the end.
+    needed = int(0.9 * (1 - args.sparsity) * model_bytes(loaded.model)) if loaded.model is not None else 0
+    out = prepare_output(args.out, inputs=[loaded.path], force=args.force, needed_bytes=needed)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
-                      target=args.target, calib=args.calib or ["default"], nsamples=args.nsamples,
-                      seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,
+                      target=args.target, calib=args.calib, calib_general=args.calib_general,
+                      nsamples=args.nsamples, seqlen=args.seqlen,
+                      seed=args.seed, compensate=args.compensate, round_to=args.round_to,
                       progress=not args.quiet, use_cache=not args.no_cache, release_input=True,
                       sequential=args.sequential, damp=args.damp, **experts)
     source_dir = loaded.path if loaded.path.is_dir() else None
+    exported = []
+    also = None
+    if args.export == "onnx":
+        from .export.onnx import write_onnx
+
+        def also(tmp):  # inside the temporary output: a failed parity check writes nothing
+            exported.append(write_onnx(result.model, tmp, tokenizer=loaded.tokenizer))
     save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
-                force=args.force)
+                force=args.force, also=also)
     r = result.report
     p = r["params"]
     print(f"{r['model']}: {r['criterion']} / {r['allocation']} removed {p['layers_before'] - p['layers_after']:,} of "
@@ -102,12 +125,99 @@ def cmd_compress(args) -> int:
               f"routed experts; kept per layer {_counts(e['kept_per_layer'])}")
     if r.get("target_note"):
         print(f"note: {r['target_note']}")
+    if args.calib == "none":
+        cal = r.get("calibration")
+        print("calibration: none needed (weight-only criterion and compensation)" if cal is None else
+              f"calibration: --calib none, so the model generated its own {cal['nsamples']}x{cal['seqlen']} tokens "
+              f"(seed {cal['seed']}, temperature {cal['generation']['temperature']}); the text is in the report")
     layout = "uniform layers: loads with transformers' from_pretrained" if r["uniform_layers"] else \
         "per-layer sizes: load with graphprune.load_pruned(path)"
     if r["floored_groups"]:
         print(f"note: {len(r['floored_groups'])} group(s) kept their last unit instead of being removed entirely "
               f"(floor); the rest of the budget went elsewhere")
+    if r.get("blocked_groups"):
+        first = r["blocked_groups"][0]
+        print(f"note: {len(r['blocked_groups'])} group(s) were left unpruned because an op has no dimension rule, "
+              f"e.g. {first['scope']} ({first['kind']}): {first['reason']}")
     print(f"wrote {out} ({layout}) in {r['timings_s']['total']:.1f}s")
+    for e in exported:
+        _print_export(e)
+    return 0
+
+
+def _print_export(e) -> None:
+    print(f"wrote {e.path} ({e.exporter}, opset {e.opset}; inputs {', '.join(e.inputs)} -> {e.output}, dynamic "
+          f"batch/sequence, no KV cache); onnxruntime parity: max abs {e.output} diff {e.max_abs_diff:.3g} "
+          f"(tolerance {e.tolerance:.3g})")
+    for note in e.notes:
+        print(f"note: {note}")
+
+
+def cmd_export(args) -> int:
+    from .export import prepare_output
+    from .export.onnx import export_onnx
+
+    if args.atol <= 0:
+        raise UserError("--atol must be positive")
+    loaded = _load(args.model, args)
+    if loaded.model is None:
+        raise UserError(f"{args.model} is already ONNX; export takes a PyTorch model (alias, HF or graphprune directory)")
+    out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
+    source_dir = loaded.path if loaded.path.is_dir() else None
+    result = export_onnx(loaded.model, out, tokenizer=loaded.tokenizer, exporter=args.exporter, opset=args.opset,
+                         atol=args.atol, force=args.force, source_dir=source_dir)
+    _print_export(result)
+    return 0
+
+
+def _compress_onnx(args, loaded) -> int:
+    from .onnx_io import prepare_output_file, save_model_atomically
+    from .onnx_native import compress_onnx
+
+    if args.export:
+        raise UserError("--export applies to PyTorch models; an ONNX input is written as ONNX already")
+    if args.sequential:
+        raise UserError("--sequential runs PyTorch blocks one by one; it is not available for ONNX input")
+    out = prepare_output_file(args.out, inputs=[loaded.path], force=args.force)
+    result = compress_onnx(loaded.onnx_model, criterion=args.criterion, sparsity=args.sparsity,
+                           allocation=args.allocation or "global", target=args.target, calib=args.calib,
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,
+                           tokenizer=loaded.tokenizer, progress=not args.quiet)
+    r = result.report
+    entry = result.model.metadata_props.add()
+    entry.key, entry.value = "graphprune_report", json.dumps(r, sort_keys=True, default=str)
+    save_model_atomically(result.model, out, force=args.force)
+    p, f = r["params"], r["flops_per_token"]
+    print(f"{loaded.name}: {r['criterion']} / {r['allocation']} (ONNX-native) removed "
+          f"{p['layers_before'] - p['layers_after']:,} of {p['layers_before']:,} layer parameters (sparsity "
+          f"{p['achieved_sparsity']:.4f}, asked {r['requested_sparsity']}); FLOPs/token {f['before']:.3g} -> "
+          f"{f['after']:.3g}; {len(r['shape_constants_rewritten'])} shape constant(s) rewritten")
+    if r["ops_without_rule"]:
+        named = ", ".join(f"{b['op']} at {b['location']}" for b in r["ops_without_rule"][:3])
+        print(f"note: groups read by ops without a dimension rule are blocked and were not pruned: {named}")
+    print(f"wrote {out} (validated in onnxruntime) in {r['timings_s']['total']:.1f}s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench_onnx import bench, parse_list, render, to_json
+
+    if args.shapes:
+        shapes = []
+        for part in args.shapes.split(","):
+            b, _, t = part.strip().partition("x")
+            shapes.append(tuple(parse_list(f"{b},{t}", "shapes")) if b and t else None)
+        if not shapes or any(s is None or len(s) != 2 for s in shapes):
+            raise UserError(f"--shapes must look like 1x512,8x128, got '{args.shapes}'")
+    else:
+        shapes = [(b, t) for b in parse_list(args.batch, "batch") for t in parse_list(args.seqlen, "seqlen")]
+    rows, note = bench(args.model, baseline=args.baseline, provider=args.provider,
+                       allow_fallback=args.allow_fallback, shapes=shapes, warmup=args.warmup, runs=args.runs,
+                       threads=args.threads, profile=args.profile)
+    provider = "cpu" if note else args.provider
+    print(to_json(rows, provider, note) if args.json else render(rows, provider))
+    if note and not args.json:
+        print(f"note: {note}")
     return 0
 
 
@@ -119,10 +229,13 @@ def _counts(per_layer: dict[str, int]) -> str:
 def cmd_eval(args) -> int:
     from .data.calibration import read_text_file
     from .data.perplexity import perplexity
+    from .embedding import is_encoder
 
     loaded = _load(args.model, args)
     if loaded.model is None or loaded.tokenizer is None:
         raise UserError("eval needs a PyTorch language model with a tokenizer")
+    if is_encoder(loaded.model):
+        return _eval_retrieval(loaded, args)
     text = read_text_file(args.data)
     result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=args.seqlen, windows=args.windows,
                         progress=not args.quiet)
@@ -131,6 +244,22 @@ def cmd_eval(args) -> int:
                           "seqlen": args.seqlen}))
     else:
         print(f"perplexity {result.ppl:.4f} over {result.windows} windows of {args.seqlen} tokens")
+    return 0
+
+
+def _eval_retrieval(loaded, args) -> int:
+    """Embedding models: retrieval over the evaluation side of the pair split of --data."""
+    from .data.pairs import load_pairs
+    from .embedding import pooling_of, retrieval
+
+    pairs = load_pairs(args.data, "all" if args.all_pairs else "evaluation", limit=args.pairs, seed=0)
+    pooling = pooling_of(loaded.path if loaded.path.is_dir() else None)
+    result = retrieval(loaded.model, loaded.tokenizer, pairs, pooling, max_length=args.seqlen)
+    if args.json:
+        print(json.dumps({"recall_at_1": result.recall_at_1, "mrr": result.mrr, "pairs": result.pairs,
+                          "split": "all" if args.all_pairs else "evaluation", "pooling": pooling.mode}))
+    else:
+        print(f"retrieval over {result.pairs} pairs: recall@1 {result.recall_at_1:.4f}, MRR {result.mrr:.4f}")
     return 0
 
 
@@ -147,7 +276,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit code 2), not usage + error."""
 
     def error(self, message):  # noqa: D401
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {' '.join(message.splitlines())} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,22 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "random)")
     p.add_argument("--sparsity", type=_fraction, default=0.2,
                    help="fraction of layer parameters to remove; with --target experts alone, of routed experts")
-    p.add_argument("--allocation", default="global", choices=["uniform", "global", "cfsp"])
+    p.add_argument("--allocation", default=None, choices=["uniform", "global", "cfsp"],
+                   help="default: global for decoders, uniform for encoders (keeps shapes AutoModel can load)")
     p.add_argument("--target", default=None,
                    help="comma list of: channels, heads (whole KV groups under GQA), query-heads, experts (routed "
                         "MoE experts, removed first); default: channels,heads where the config can express head "
                         "removal, else channels")
     p.add_argument("--calib", action="append", default=None,
-                   help="text file, 'default' (bundled excerpt) or hf:dataset; repeat to combine domains (expert "
-                        "criteria add per-layer normalised scores of each)")
+                   help="text file, 'default' (bundled excerpt, the default), hf:dataset, or 'none' (the model "
+                        "generates its own calibration text; weight-only criteria need none); encoders: a .jsonl/.tsv "
+                        "pair file or a text to derive (first sentence, rest of paragraph) pairs from. Repeat to "
+                        "combine domains for expert criteria (per-layer normalised scores of each are added)")
+    p.add_argument("--calib-general", default=None,
+                   help="gaprune: the general-domain set beside the --calib domain set (same formats)")
     p.add_argument("--expert-criterion", default=None, help="expert criterion of a combined target (default easyep)")
     p.add_argument("--expert-sparsity", type=_fraction, default=None,
                    help="fraction of routed experts to remove (default: --sparsity)")
     p.add_argument("--expert-allocation", default="uniform", choices=["uniform", "global"],
                    help="uniform: same expert count in every layer (plain from_pretrained); global: per-layer "
                         "counts from globally normalised scores (graphprune.load_pruned)")
-    p.add_argument("--nsamples", type=_positive_int, default=128)
-    p.add_argument("--seqlen", type=_positive_int, default=128)
+    p.add_argument("--nsamples", type=_positive_int, default=128, help="windows (decoders) or pairs (encoders)")
+    p.add_argument("--seqlen", type=_positive_int, default=128, help="tokens per window, or per text (encoders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compensate", choices=["none", "bias", "lsq"], default=None,
                    help="what the consumer layers do about removed inputs: bias (FLAP's mean), lsq (least-squares "
@@ -203,16 +337,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-cache", action="store_true", help="recompute calibration statistics")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--export", choices=["onnx"], default=None,
+                   help="also write model.onnx into --out (parity-checked in onnxruntime)")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("eval", help="perplexity of a causal LM on a text file")
+    p = sub.add_parser("export", help="export a (pruned) model to ONNX, checked in onnxruntime")
     model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="output directory (model.onnx, config, tokenizer)")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torch.onnx exporter (torchscript: seconds; dynamo: minutes on large models)")
+    p.add_argument("--opset", type=_positive_int, default=None)
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="parity tolerance: fail when max |onnx - torch| > atol * max(1, max|torch output|)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="perplexity of a causal LM, or retrieval (recall@1, MRR) of an embedding model")
+    model_args(p)
+    p.add_argument("--data", required=True, help="text file; encoders: also a .jsonl/.tsv pair file")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (or per text, encoders)")
     p.add_argument("--windows", type=_positive_int, default=32)
+    p.add_argument("--pairs", type=_positive_int, default=None,
+                   help="encoders: evaluate at most this many pairs (default: all of the evaluation split)")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="encoders: use every pair of --data, not only the evaluation side of the split")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="latency/throughput of an .onnx model in onnxruntime, vs a baseline")
+    p.add_argument("model", help=".onnx file")
+    p.add_argument("--baseline", default=None, help="the dense .onnx to compare with (speed-up vs FLOP ratio)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--allow-fallback", action="store_true", help="run on CPU when the provider is not installed")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes")
+    p.add_argument("--seqlen", default="128", help="comma list of sequence lengths")
+    p.add_argument("--shapes", default=None, help="explicit BATCHxSEQ pairs, e.g. 1x512,8x128 (overrides both)")
+    p.add_argument("--warmup", type=_positive_int, default=3)
+    p.add_argument("--runs", type=_positive_int, default=20)
+    p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--profile", action="store_true", help="also print each model's top op types (ORT profiler)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("criteria", help="list the available criteria")
     p.set_defaults(func=cmd_criteria)
@@ -230,6 +397,18 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line_warnings(default):
+    """A `warnings.showwarning` that prints our own warnings as one line and others as `default` does."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GraphpruneWarning):
+            print(f"graphprune: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 
@@ -239,10 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     _quiet_libraries()
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(previous_showwarning)
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"graphprune: error: {exc}", file=sys.stderr)
+        # One line even when a message quotes a multi-line library error.
+        print(f"graphprune: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except ValidationError as exc:
         print(f"graphprune: validation failed: {exc}", file=sys.stderr)
@@ -262,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = previous_showwarning
 
 
 if __name__ == "__main__":

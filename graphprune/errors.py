@@ -34,5 +34,9 @@ class TraceError(UserError):
     """The model could not be traced to a graph."""
 
 
+class GraphpruneWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""
+
+
 class ValidationError(GraphpruneError):
     """The rewritten model failed validation (NaN/Inf, shape mismatch): nothing was written."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -17,8 +18,9 @@ from . import criteria as criteria_mod
 from .calibrate import Calibration, cache_key, collect, find_blocks, load_cached, save_cached
 from .criteria.base import MissingStatistics, ScoringContext, consumer_slices, module_of
 from .errors import PruningError, UserError
+from .guards import check_finite_weights
 from .graph import GroupSet, analyze
-from .graph.groups import PRUNABLE, OPT_IN, Group
+from .graph.groups import BLOCKED, PRUNABLE, OPT_IN, Group
 from .passes import BiasCompensation, ConfigRewrite, SliceParameters, Validate
 from .passes.config import instantiate
 
@@ -114,47 +116,12 @@ def select_groups(groups: GroupSet, target: str) -> list[Group]:
     if not chosen:
         blocked = [g for g in groups if g.kind in kinds]
         if blocked:
-            reasons = "; ".join(sorted({(g.reason or g.status) for g in blocked})[:2])
+            # An op without a rule is what the user can act on: name it before structural reasons.
+            reasons = "; ".join(sorted({(g.reason or g.status) for g in blocked},
+                                       key=lambda r: (not r.startswith("blocked by"), r))[:2])
             raise PruningError(f"no prunable {target} groups: {reasons}")
         raise PruningError(f"the model has no {target} groups to prune")
     return chosen
-
-
-def _unit_gradients(model, batches: torch.Tensor, chosen: list[Group], batch_size: int, progress: bool):
-    """Per unit of every chosen group: Σ_batches s_b and Σ_batches s_b² with s_b = Σ_unit w·∂L/∂w."""
-    from tqdm.auto import tqdm
-
-    params = dict(model.named_parameters())
-    stats = {g.id: {"sum": np.zeros(g.units), "sumsq": np.zeros(g.units), "batches": 0} for g in chosen}
-    was_training = model.training
-    model.eval()
-    needed = {s.param for g in chosen for s in g.slices}
-    for name, p in params.items():
-        p.requires_grad_(name in needed)
-    try:
-        for start in tqdm(range(0, batches.shape[0], batch_size), desc="gradients", disable=not progress, leave=False):
-            chunk = batches[start:start + batch_size]
-            model.zero_grad(set_to_none=True)
-            out = model(input_ids=chunk, labels=chunk)
-            out.loss.backward()
-            for g in chosen:
-                per_unit = torch.zeros(g.units, dtype=torch.float64)
-                for s in g.slices:
-                    p = params[s.param]
-                    if p.grad is None:
-                        continue
-                    wg = (p.detach() * p.grad).to(torch.float64).movedim(s.axis, 0)
-                    idx = torch.as_tensor(s.indices)
-                    per_unit += wg[idx.reshape(-1)].reshape(g.units, -1).sum(1)
-                stats[g.id]["sum"] += per_unit.numpy()
-                stats[g.id]["sumsq"] += (per_unit ** 2).numpy()
-                stats[g.id]["batches"] += 1
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p in params.values():
-            p.requires_grad_(False)
-        model.train(was_training)
-    return stats
 
 
 def _target_parts(target: str | None) -> list[str]:
@@ -196,10 +163,11 @@ def resolve_criteria(criterion: str | None, expert_criterion: str | None, target
     return criterion or "flap", expert_criterion or "easyep"
 
 
-def check_options(*, criterion: str | None, sparsity: float, allocation: str, target: str | None,
+def check_options(*, criterion: str | None, sparsity: float, allocation: str | None, target: str | None,
                   compensate: str | None, round_to: int = 1, sequential: bool = False,
-                  expert_criterion: str | None = None, expert_sparsity: float | None = None,
-                  expert_allocation: str = "uniform") -> str:
+                  calib_general: str | None = None, expert_criterion: str | None = None,
+                  expert_sparsity: float | None = None, expert_allocation: str = "uniform",
+                  calib_sources: int = 1) -> str:
     """Validate the options before any expensive work; returns the effective compensation."""
     for name, value in (("--sparsity", sparsity), ("--expert-sparsity", expert_sparsity)):
         if value is None and name == "--expert-sparsity":
@@ -214,7 +182,17 @@ def check_options(*, criterion: str | None, sparsity: float, allocation: str, ta
         if expert_allocation not in EXPERT_ALLOCATIONS:
             raise UserError(f"unknown --expert-allocation '{expert_allocation}' (choose from "
                             f"{', '.join(EXPERT_ALLOCATIONS)})")
-    if allocation not in alloc_mod.ALLOCATIONS:
+    if criterion is not None and calib_sources > 1:
+        raise UserError("several --calib sources are combined by the expert criteria only; channels and heads "
+                        "calibrate on one (gaprune takes its second set with --calib-general)")
+    two_sets = criterion is not None and "general_gradients" in criteria_mod.get(criterion).needs
+    if two_sets and calib_general is None:
+        raise UserError(f"criterion '{criterion}' compares a domain and a general calibration set: give the general "
+                        f"one with --calib-general FILE (and the domain one with --calib)")
+    if not two_sets and calib_general is not None:
+        raise UserError(f"--calib-general is only used by criteria that compare two calibration sets (gaprune), "
+                        f"not by '{criterion or expert}'")
+    if allocation is not None and allocation not in alloc_mod.ALLOCATIONS:
         raise UserError(f"unknown --allocation '{allocation}' (choose from {', '.join(alloc_mod.ALLOCATIONS)})")
     if compensate is None:
         compensate = DEFAULT_COMPENSATION.get(criterion, "none")
@@ -229,14 +207,21 @@ def check_options(*, criterion: str | None, sparsity: float, allocation: str, ta
     return compensate
 
 
-def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2, allocation: str = "global",
-             target: str | None = None, calib: str | list[str] = "default", nsamples: int = 128, seqlen: int = 128,
+def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2, allocation: str | None = None,
+             target: str | None = None, calib: str | list[str] = "default", calib_general: str | None = None,
+             nsamples: int = 128, seqlen: int = 128,
              seed: int = 0, compensate: str | None = None, round_to: int = 1, floor: int = 1,
              batch_size: int = 8, progress: bool = True, tokenizer: Any = None, use_cache: bool = True,
              criterion_options: dict | None = None, release_input: bool = False, sequential: bool = False,
-             damp: float = 0.01, expert_criterion: str | None = None, expert_sparsity: float | None = None,
-             expert_allocation: str = "uniform") -> CompressResult:
+             damp: float = 0.01, pair_batch: int = 16, expert_criterion: str | None = None,
+             expert_sparsity: float | None = None, expert_allocation: str = "uniform") -> CompressResult:
     """Prune `model` (an alias, a path, a LoadedModel or an HF nn.Module) and return the smaller model.
+
+    Embedding models (encoders) calibrate on (query, positive) pairs: `calib` (and for gaprune
+    `calib_general`) name pair files or texts to derive pairs from, `nsamples` is the number of
+    pairs, `seqlen` the tokens per text, `pair_batch` the pairs per InfoNCE batch. Allocation
+    defaults to `global` for decoders and `uniform` for encoders, whose output then keeps shapes
+    that plain `AutoModel` / `SentenceTransformer` can load.
 
     Nothing is written here: `save_pruned` writes the result atomically. The input model is left
     as it was unless `release_input=True`, which lets the pruned parameters of the input be freed
@@ -252,15 +237,24 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
     started = time.perf_counter()
     compensate = check_options(criterion=criterion, sparsity=sparsity, allocation=allocation, target=target,
                                compensate=compensate, round_to=round_to, sequential=sequential,
-                               expert_criterion=expert_criterion, expert_sparsity=expert_sparsity,
-                               expert_allocation=expert_allocation)
+                               calib_general=calib_general, expert_criterion=expert_criterion,
+                               expert_sparsity=expert_sparsity, expert_allocation=expert_allocation,
+                               calib_sources=1 if isinstance(calib, (str, Path)) else len(calib))
     criterion, expert_criterion = resolve_criteria(criterion, expert_criterion, target)
     calib_sources = [calib] if isinstance(calib, (str, Path)) else list(calib)
+    calib = calib_sources[0]  # the channel/head stage calibrates on one source (checked above)
 
     loaded, model, tokenizer = resolve_model(model, tokenizer)
     if model is None:
         raise UserError("compress needs a PyTorch model here (ONNX-native pruning is not available yet)")
+    check_finite_weights(model)
     model.eval()
+    from .embedding import is_encoder, pooling_of
+
+    encoder = is_encoder(model)
+    pooling = pooling_of(loaded.path if loaded is not None and loaded.path.is_dir() else None) if encoder else None
+    if allocation is None:
+        allocation = "uniform" if encoder else "global"
     timings["load"] = time.perf_counter() - started
 
     t = time.perf_counter()
@@ -276,6 +270,7 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
             allocation=expert_allocation, calib=calib_sources, tokenizer=tokenizer, nsamples=nsamples,
             seqlen=seqlen, seed=seed, batch_size=batch_size, progress=progress,
             criterion_options=criterion_options if criterion is None else None, release_input=release_input)
+        timings.update({f"experts_{k}": v for k, v in experts_stage.timings.items()})
         timings["experts"] = time.perf_counter() - t
         model = experts_stage.model
         target = ",".join(p for p in _target_parts(target) if p != "experts")
@@ -295,46 +290,100 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
     timings["trace"] = time.perf_counter() - t
 
     needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
+    # Encoders get InfoNCE on pairs (embedding.py); other models need an LM loss.
+    if "gradients" in needs and not encoder and "labels" not in inspect.signature(model.forward).parameters:
+        from .criteria.base import ExpertCriterion
+
+        others = [n for n in criteria_mod.available() if "gradients" not in criteria_mod.get(n).needs
+                  and not isinstance(criteria_mod.get(n), ExpertCriterion)]
+        raise PruningError(f"criterion '{criterion}' needs the gradient of a language-model loss, which "
+                           f"{type(model).__name__} does not compute; choose one of {', '.join(others)}")
     layerwise = compensate == "lsq" or sequential or "gram" in scorer.needs
     if layerwise:
         needs = needs | {"gram"}
+        # The least-squares path reads consumer weights as [out, in]; GPT-2's Conv1D stores [in, out].
+        transposed = sorted({s.param for g in chosen for s in consumer_slices(g)
+                             if s.expert is None and s.axis != model.get_parameter(s.param).dim() - 1})
+        if transposed:
+            asked = [what for what, on in (("--compensate lsq", compensate == "lsq"), ("--sequential", sequential),
+                                           (f"criterion '{criterion}'", "gram" in scorer.needs)) if on]
+            raise PruningError(f"{' and '.join(asked)} cannot handle weights stored as [in, out] yet (e.g. "
+                               f"{transposed[0]}, a Conv1D): use --compensate bias or none, without --sequential")
     if allocation == "cfsp":
         needs = needs | {"block_angles"}
     calibration: Calibration | None = None
     unit_grads: dict = {}
+    general_grads: dict = {}
+    alignment: dict = {}
     calib_note = None
+    cache_state = None
+    gradient_cache = None
     if needs:
         t = time.perf_counter()
         if tokenizer is None:
             raise UserError(f"criterion '{criterion}' needs calibration text but the model has no tokenizer")
-        from .data.calibration import load_calibration, needs_bos
+        from .calibration_sets import calibration_set
 
-        batches = torch.cat([load_calibration(c, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                              add_bos=needs_bos(model)) for c in calib_sources])
-        calib_note = {"source": ",".join(map(str, calib_sources)), "nsamples": nsamples, "seqlen": seqlen,
-                      "seed": seed}
+        set_options = dict(encoder=encoder, pooling=pooling, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           batch_size=pair_batch if encoder else max(1, batch_size // 2))
+        if str(calib) == "none":  # no data: the model writes its own calibration text
+            from .calibration_sets import CalibrationSet
+            from .data.calibration import needs_bos
+            from .data.selfgen import cached_generation, generate_calibration
+            from .gradients import lm_steps
+
+            if encoder:
+                raise UserError("--calib none lets a causal LM write its own text; an embedding model needs "
+                                "(query, positive) pairs: give --calib FILE")
+
+            def generate():
+                return generate_calibration(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                            add_bos=needs_bos(model), progress=progress)
+
+            generated = cached_generation(cache_key("selfgen-v1", _fingerprint(model), nsamples, seqlen, seed),
+                                          generate) if use_cache else generate()
+            batches = generated.batches
+            calib_note = {"source": "none", "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                          "generation": generated.settings}
+            domain = CalibrationSet(batches, lm_steps(model, batches, set_options["batch_size"]), dict(calib_note))
+        else:
+            domain = calibration_set(model, tokenizer, calib, **set_options)
+            batches = domain.windows
+            calib_note = dict(domain.note)
         if needs & {"activations", "block_angles"}:
             modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g)})
             key = cache_key("stats-v1", _fingerprint(model), calib_note, modules, "block_angles" in needs)
             calibration = load_cached(key) if use_cache else None
+            cache_state = "hit" if calibration is not None else "miss" if use_cache else "off"
             if calibration is None:
                 calibration = collect(model, batches, input_modules=modules, block_angles="block_angles" in needs,
                                       batch_size=batch_size, progress=progress)
                 if use_cache:
                     save_cached(key, calibration)
-            else:
-                calib_note["cached"] = True
         if "gradients" in needs:
-            unit_grads = _unit_gradients(model, batches, chosen, max(1, batch_size // 2), progress)
+            from .gradients import gradient_terms
+
+            general = calibration_set(model, tokenizer, calib_general, **set_options) if calib_general else None
+            key = cache_key("grads-v1", _fingerprint(model), domain.note, general and general.note,
+                            set_options["batch_size"], [(g.id, g.units) for g in chosen])
+            terms = gradient_terms(model, chosen, domain.steps, general and general.steps, progress=progress,
+                                   cache_key=key if use_cache else None)
+            unit_grads, general_grads, alignment = terms.domain, terms.general, terms.alignment
+            calib_note = {**calib_note, "mean_loss": round(terms.mean_loss["domain"], 6)}
+            gradient_cache = "hit" if terms.cached else "miss" if use_cache else "off"
+            if general is not None:
+                calib_note["general"] = {**general.note, "mean_loss": round(terms.mean_loss["general"], 6)}
         if layerwise:
             from .layerwise import BlockRunner
 
             runner = BlockRunner(model, batches, batch_size=batch_size, progress=progress)
+        if str(calib) == "none":
+            calib_note["generated_text"] = generated.texts  # after the cache key: reproducibility record
         timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
     params = _all_params(model)
-    ctx = ScoringContext(model, groups, params, calibration, unit_grads)
+    ctx = ScoringContext(model, groups, params, calibration, unit_grads, general_grads, alignment)
     scores: dict[str, np.ndarray] = {}
     comparable: dict[str, np.ndarray] = {}
     if "gram" in scorer.needs:
@@ -355,6 +404,7 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
             ranked = scorer.global_score(g, ctx, scores[g.id])
             if ranked is not None:
                 comparable[g.id] = np.asarray(ranked, dtype=np.float64)
+    diagnostics = scorer.diagnostics(chosen, ctx)
     timings["scoring"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -403,13 +453,18 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
         "criterion": criterion, "criterion_options": criterion_options or {}, "allocation": allocation,
         "target": target, "target_note": target_note, "compensate": compensate, "layerwise": layerwise_report,
         "requested_sparsity": float(sparsity), "seed": seed,
-        "calibration": calib_note,
+        "calibration": calib_note, "criterion_diagnostics": diagnostics,
         "params": {"before": before, "after": after, "layers_before": total_layer_params, "layers_after": layer_after,
                    "achieved_sparsity": (total_layer_params - layer_after) / total_layer_params},
         "flops_per_token": {"before": flops_before, "after": flops_before - flops_removed},
         "kept_units": kept, "floored_groups": plan.floored, "allocation_notes": plan.notes,
+        "blocked_groups": [{"scope": g.scope, "kind": g.kind, "reason": g.reason} for g in groups if g.status == BLOCKED],
+        # Measurements of this run, not of its result: save_pruned writes them apart from the rest
+        # (RUN_REPORT_KEYS) so that the same inputs and seed give a byte-identical report.
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "calibration_cache": cache_state,
+        **({"gradient_cache": gradient_cache} if gradient_cache else {}),
         "trace": groups.graph.notes,
         **report_extra,
     }

@@ -100,8 +100,8 @@ def test_embedded_excerpt_is_packaged_and_large_enough(tokenizer):
     assert windows.shape == (128, 128)
 
 
-def test_none_is_not_supported_yet(tokenizer):
-    with pytest.raises(CalibrationError, match="--calib none is not supported yet"):
+def test_none_is_not_a_text_to_read(tokenizer):
+    with pytest.raises(CalibrationError, match="not a text to read"):
         load_calibration("none", tokenizer)
 
 

@@ -159,6 +159,7 @@ def test_removing_every_unit_is_refused(model_dir, tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_mid_run_leaves_no_output(model_dir, calib, tmp_path, sig, code):
     out = tmp_path / "out"
+    before = digest(model_dir)
     proc = subprocess.Popen([sys.executable, "-m", "graphprune.cli", "compress", str(model_dir), "--calib", str(calib),
                              "--nsamples", "100000", "--seqlen", "32", "--out", str(out), "--no-cache"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
@@ -173,3 +174,4 @@ def test_interrupt_mid_run_leaves_no_output(model_dir, calib, tmp_path, sig, cod
     assert "no output was written" in err and "Traceback" not in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert digest(model_dir) == before

@@ -17,7 +17,8 @@ from graphprune.data.calibration import load_calibration
 from graphprune.export import load_pruned, save_pruned
 from graphprune.graph import analyze
 from graphprune.passes import BiasCompensation
-from graphprune.pipeline import _all_params, _unit_gradients, compress, rewrite
+from graphprune.gradients import lm_steps, unit_gradients
+from graphprune.pipeline import _all_params, compress, rewrite
 from graphprune.testing.fixtures import byte_level_tokenizer, tiny_llama, write_sample_text
 
 
@@ -61,7 +62,7 @@ def context(model, batches):
     chosen = [g for g in groups if g.prunable]
     modules = sorted({s.param.rsplit(".", 1)[0] for g in chosen for s in g.slices if s.role == "linear.in"})
     calibration = collect(model, batches, input_modules=modules, block_angles=True, progress=False)
-    grads = _unit_gradients(model, batches, chosen, batch_size=4, progress=False)
+    grads = unit_gradients(model, lm_steps(model, batches, 4), chosen).units
     return ScoringContext(model, groups, _all_params(model), calibration, grads), groups
 
 
@@ -213,6 +214,31 @@ def test_bias_compensation_lowers_the_layer_output_error(model, batches):
     pruned = x[:, keep] @ w[:, keep].T
     compensated = pruned + state["model.layers.0.mlp.down_proj.bias"].double()
     assert (full - compensated).pow(2).mean() < (full - pruned).pow(2).mean()
+
+
+def test_conv1d_consumers_are_read_along_their_input_axis(tokenizer, calib_file):
+    """GPT-2's Conv1D stores c_proj as [in, out]: FLAP's column metric and the compensation bias must
+    use the input axis there (they crashed, or were silently wrong for square layers, before)."""
+    from graphprune.testing.zoo import build_tiny
+
+    model, _ = build_tiny("gpt2", vocab_size=258, n_inner=24)
+    batches = load_calibration(str(calib_file), tokenizer, nsamples=8, seqlen=32, seed=0)
+    groups = analyze(model)
+    g = next(g for g in groups if g.kind == "channel" and g.layer == 0 and g.prunable)
+    module = "transformer.h.0.mlp.c_proj"
+    calibration = collect(model, batches, input_modules=[module], progress=False)
+    ctx = ScoringContext(model, groups, _all_params(model), calibration, {})
+    w = model.get_parameter(f"{module}.weight").detach().double()  # [in 24, out 64]
+    expected = calibration.inputs[module].var * w.pow(2).sum(1)
+    np.testing.assert_allclose(criteria.get("flap").score(g, ctx), expected.numpy(), rtol=1e-6)
+
+    removed = {g.id: np.arange(0, 24, 2)}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bias_before = state[f"{module}.bias"].double().clone()
+    BiasCompensation().run(state, [g], removed, calibration)
+    mean = calibration.inputs[module].mean
+    torch.testing.assert_close(state[f"{module}.bias"].double() - bias_before,
+                               (w[0:24:2].T @ mean[0:24:2]).to(torch.float32).double(), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- round trip

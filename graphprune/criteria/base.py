@@ -19,6 +19,10 @@ class ScoringContext:
     params: dict[str, torch.Tensor]  # every parameter/state name (tied names too) -> tensor
     calibration: Calibration | None = None
     unit_gradients: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # gid -> stats
+    # Criteria that compare two calibration sets (needs "general_gradients"): the same statistics on
+    # the general set, and per unit the cosine of the two sets' gradients on the unit's weights.
+    general_unit_gradients: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    unit_alignment: dict[str, np.ndarray] = field(default_factory=dict)
 
     def weight(self, s: ParamSlice) -> torch.Tensor:
         """The slice's parameter as [units, width, rest...] (unit axis first)."""
@@ -47,13 +51,18 @@ class Criterion:
     """Scores units of groups. Subclasses set `name`, `needs`, and implement `score`."""
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"activations", "gradients", "block_angles"}
+    # subset of {"activations", "gradients", "general_gradients", "block_angles"}
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **options: Any) -> None:
         self.options = options
 
     def score(self, group: Group, ctx: ScoringContext) -> np.ndarray:
         raise NotImplementedError
+
+    def diagnostics(self, groups: list[Group], ctx: ScoringContext) -> dict | None:
+        """What the run report should say about how the criterion scored (None: nothing)."""
+        return None
 
     def global_score(self, group: Group, ctx: ScoringContext, raw: np.ndarray) -> np.ndarray | None:
         """Scores comparable across groups and kinds for the global allocation, or None to let the
@@ -79,7 +88,8 @@ class Criterion:
             st = ctx.input_stats(s)
             if st is None:
                 continue
-            w = ctx.params[s.param].detach().to(torch.float64)  # [out, in]
+            # [out, in]: a torch Linear weight as it is, an ONNX MatMul weight [in, out] transposed
+            w = ctx.params[s.param].detach().movedim(s.axis, -1).to(torch.float64)
             idx = torch.as_tensor(s.indices, dtype=torch.long)  # [units, width]
             per_column = fn(st, w)  # [in]
             if column_transform is not None:

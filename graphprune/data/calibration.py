@@ -63,7 +63,8 @@ def read_calibration_text(source: str | Path) -> str:
             return default_calibration_text()
         if source == "none":
             raise CalibrationError(
-                "--calib none is not supported yet; use 'default', a UTF-8 text file or hf:NAME[:CONFIG[:SPLIT]]"
+                "'none' is not a text to read here (compress generates calibration text for --calib none); "
+                "use 'default', a UTF-8 text file or hf:NAME[:CONFIG[:SPLIT]]"
             )
         if source.startswith(HF_DATASET_PREFIX):
             return _read_hf_dataset_text(source)
@@ -109,12 +110,19 @@ def load_calibration(
     _require_positive(nsamples=nsamples, seqlen=seqlen)
     if add_bos and seqlen < 2:
         raise CalibrationError("seqlen must be at least 2 when windows start with BOS")
-    text = read_calibration_text(source)
+    return windows_from_text(read_calibration_text(source), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                             add_bos=add_bos, label=_describe(source))
+
+
+def windows_from_text(text: str, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int = 0, add_bos: bool = False,
+                      label: str = "") -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at random offsets of `text` (see `load_calibration`)."""
+    _require_positive(nsamples=nsamples, seqlen=seqlen)
     token_ids = tokenize_text(tokenizer, text)
     text_tokens_per_window = seqlen - 1 if add_bos else seqlen
     if token_ids.numel() < text_tokens_per_window:
         raise CalibrationError(
-            f"calibration text {_describe(source)} has {token_ids.numel()} tokens; "
+            f"calibration text {label} has {token_ids.numel()} tokens; "
             f"at least {text_tokens_per_window} are needed for windows of {seqlen} tokens"
         )
     rng = random.Random(seed)

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import OutputError
+from ..guards import OUTPUT_FILES_SLACK_BYTES, model_bytes, require_free_space
 
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# Report entries that measure the run (wall time, memory, cache hits) rather than describe its result.
+# They go to graphprune_run.json so that graphprune_report.json, like the weights, is byte-identical
+# for the same inputs and seed.
+RUN_REPORT_KEYS = ("timings_s", "peak_rss_mb", "calibration_cache", "gradient_cache")
+REPORT_FILE, RUN_FILE = "graphprune_report.json", "graphprune_run.json"
 
 
-def prepare_output(out: str | Path, *, inputs: list[Path] = (), force: bool = False) -> Path:
-    """Check the output location before any work: never the input, never a non-empty dir without force."""
+def prepare_output(out: str | Path, *, inputs: list[Path] = (), force: bool = False, needed_bytes: int = 0) -> Path:
+    """Check the output location before any work: never the input, never a non-empty dir without force,
+    and at least `needed_bytes` free (a lower bound of the output's size, so a run that could fit is
+    never refused)."""
     out = Path(out).expanduser().resolve()
     for src in inputs:
         src = Path(src).expanduser().resolve()
@@ -32,44 +41,84 @@ def prepare_output(out: str | Path, *, inputs: list[Path] = (), force: bool = Fa
         raise OutputError(f"parent directory of {out} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise OutputError(f"cannot write to {out.parent}")
+    if needed_bytes:
+        require_free_space(out.parent, needed_bytes, what="the pruned model")
     return out
 
 
 def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = None, report: dict | None = None,
-                source_dir: Path | None = None, force: bool = False) -> Path:
+                source_dir: Path | None = None, force: bool = False,
+                also: Callable[[Path], None] | None = None) -> Path:
     """Save config + safetensors (+ tokenizer, report.json, sentence-transformers files) into `out`.
 
     Everything goes to a temporary sibling directory first; it replaces `out` only when complete,
-    so an interrupted run never leaves a half-written model that looks finished.
+    so an interrupted run never leaves a half-written model that looks finished. `also(tmp)`
+    writes more files into that directory before it is renamed (the ONNX export of compress
+    --export onnx): when it fails, nothing is written.
     """
     out = Path(out).expanduser().resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    require_free_space(out.parent, model_bytes(model) + OUTPUT_FILES_SLACK_BYTES, what=f"the pruned model to {out}")
+    with _write_errors_as_output_errors(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if source_dir is not None:
-            for name in SENTENCE_TRANSFORMERS_FILES:
-                if (source_dir / name).exists():
-                    shutil.copy2(source_dir / name, tmp / name)
-            pooling = source_dir / "1_Pooling"
-            if pooling.is_dir():
-                shutil.copytree(pooling, tmp / "1_Pooling")
-        if report is not None:
-            (tmp / "graphprune_report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            if not force and any(out.iterdir()):
-                raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with _write_errors_as_output_errors(out):
+            _write_files(model, tmp, tokenizer=tokenizer, report=report, source_dir=source_dir)
+        if also is not None:
+            also(tmp)
+        replace_directory(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_files(model: torch.nn.Module, tmp: Path, *, tokenizer: Any, report: dict | None,
+                 source_dir: Path | None) -> None:
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if source_dir is not None:
+        for name in SENTENCE_TRANSFORMERS_FILES:
+            if (source_dir / name).exists():
+                shutil.copy2(source_dir / name, tmp / name)
+        pooling = source_dir / "1_Pooling"
+        if pooling.is_dir():
+            shutil.copytree(pooling, tmp / "1_Pooling")
+    if report is not None:
+        result = {k: v for k, v in report.items() if k not in RUN_REPORT_KEYS}
+        run = {k: report[k] for k in RUN_REPORT_KEYS if k in report}
+        (tmp / REPORT_FILE).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        if run:
+            (tmp / RUN_FILE).write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _write_errors_as_output_errors(out: Path):
+    """A full disk or a file-size limit is the user's environment, not a bug: one line, exit 2."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as error:
+        raise OutputError(f"could not write {out}: {error.strerror or error}; nothing was written") from error
+    except SafetensorError as error:
+        if "I/O error" not in str(error):
+            raise
+        detail = str(error).split("I/O error:", 1)[1].strip()
+        raise OutputError(f"could not write {out}: {detail}; nothing was written") from error
+
+
+def replace_directory(tmp: Path, out: Path, *, force: bool = False) -> None:
+    """Move the finished temporary directory `tmp` to `out` (replacing it only with force)."""
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

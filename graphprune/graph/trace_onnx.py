@@ -113,7 +113,13 @@ def _load(model: Any) -> tuple[onnx.ModelProto, str | None, str]:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise TraceError(f"cannot read ONNX file {path} (truncated or not an ONNX model?): "
                          f"{type(exc).__name__}: {first}") from exc
-    return proto, os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    from pathlib import Path
+
+    from ..onnx_io import check_external_data
+
+    base_dir = os.path.dirname(os.path.abspath(path))
+    check_external_data(proto, Path(base_dir), path)  # missing files, paths leaving the directory
+    return proto, base_dir, os.path.basename(path)
 
 
 def _opset(proto: onnx.ModelProto) -> int:
@@ -1497,8 +1503,11 @@ def graph_from_onnx(model: onnx.ModelProto | str | os.PathLike, *,
     else ``batch_size`` for axis 0 / dims named like "batch", else ``seq_len``. Every tensor must
     end up with a static shape, or `TraceError` is raised.
     """
+    from ..onnx_io import check_opset
+
     started = time.perf_counter()
     proto, base_dir, source = _load(model)
+    check_opset(proto, source)
     if not proto.graph.node:
         raise TraceError(f"ONNX model {source} has no graph nodes (truncated or not an ONNX model?)")
     if len(proto.functions):
@@ -1510,6 +1519,10 @@ def graph_from_onnx(model: onnx.ModelProto | str | os.PathLike, *,
             raise TraceError(f"could not inline the model's local functions: {exc}") from exc
     builder = _Builder(proto, base_dir, source, input_shapes, batch_size, seq_len)
     graph = builder.run()
+    # ONNX value name -> the IR tensor it is an alias of (Identity, Dropout, parameter casts, repeated
+    # nodes): ONNX-native rewriting maps the file's names onto the IR with it.
+    graph.onnx_aliases = {name: builder.resolve(name) for name in builder.alias}
+    graph.onnx_input_shapes = dict(builder.input_shapes)
     c = builder.counts
     inputs = ", ".join(f"{k}{list(v)}" for k, v in builder.input_shapes.items())
     graph.notes.append(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 import operator
-import time
 from typing import Any, Callable
 
 import torch
@@ -631,7 +630,6 @@ def _batched_experts(model: torch.nn.Module):
 
 
 def _trace(model, args, kwargs, allow_fallback: bool) -> Graph:
-    started = time.perf_counter()
     try:
         with torch.no_grad():
             exported = torch.export.export(model, args, kwargs, strict=False)
@@ -640,7 +638,7 @@ def _trace(model, args, kwargs, allow_fallback: bool) -> Graph:
                 # only when needed, since it costs about one more export.
                 exported = exported.run_decompositions({})
         graph = _from_exported(model, exported)
-        graph.notes.append(f"traced with torch.export in {time.perf_counter() - started:.1f}s")
+        graph.notes.append("traced with torch.export")
         return graph
     except TraceError:
         raise
@@ -649,9 +647,9 @@ def _trace(model, args, kwargs, allow_fallback: bool) -> Graph:
             raise TraceError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         export_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     graph = _trace_recorded(model, args, kwargs)
+    # Notes describe the graph, not the run: no timings (the report must be reproducible).
     graph.notes.append(f"torch.export failed ({export_error[:200]}); traced by recording the executed ops "
-                       f"into FX in {time.perf_counter() - started:.1f}s: the graph follows the branches the "
-                       f"example input takes")
+                       f"into FX: the graph follows the branches the example input takes")
     return graph
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from graphprune.errors import ModelLoadError
+from graphprune.guards import check_config_fits_weights, safetensors_elements
 from graphprune.models.aliases import (
     BUNDLED_ALIASES,
     cache_root,
@@ -171,9 +172,13 @@ def _load_hf_directory(
     if not config_path.is_file():
         raise ModelLoadError(f"{model_dir} has no config.json{_missing_config_hint(model_dir)}")
     _read_json(config_path)
-    use_safetensors = _check_weights(model_dir, allow_pickle=allow_pickle)
+    headers = _check_weights(model_dir, allow_pickle=allow_pickle)
+    use_safetensors = headers is not None
     config = _load_config(model_dir, trust_remote_code=trust_remote_code)
     kind: ModelKind = "causal-lm" if _is_causal_lm(config) else "encoder"
+    if headers is not None:
+        check_config_fits_weights(_model_class(kind), config, safetensors_elements(headers),
+                                  described_by=f"config.json in {model_dir}")
     if getattr(config, "graphprune_layer_overrides", None):
         # A graphprune output with per-layer sizes: transformers cannot build it from one config.
         from ..export import load_pruned
@@ -238,17 +243,14 @@ def _sentence_transformers_model_dir(directory: Path) -> Path:
     raise ModelLoadError(f"{directory / 'modules.json'} lists no sentence_transformers Transformer module")
 
 
-def _check_weights(model_dir: Path, *, allow_pickle: bool) -> bool:
-    """Validate the weight files; True when they are safetensors, False for an allowed pickle."""
+def _check_weights(model_dir: Path, *, allow_pickle: bool) -> list[dict] | None:
+    """Validate the weight files; their safetensors headers, or None for an allowed pickle."""
     single_file = model_dir / "model.safetensors"
     index_file = model_dir / "model.safetensors.index.json"
     if single_file.is_file():
-        check_safetensors_file(single_file)
-        return True
+        return [check_safetensors_file(single_file)]
     if index_file.is_file():
-        for shard in _shards_listed_in(index_file):
-            check_safetensors_file(shard)
-        return True
+        return [check_safetensors_file(shard) for shard in _shards_listed_in(index_file)]
 
     pickle_files = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
     if not pickle_files:
@@ -263,7 +265,7 @@ def _check_weights(model_dir: Path, *, allow_pickle: bool) -> bool:
             f"{model_dir} has pickle files ({', '.join(pickle_files)}) but none named pytorch_model.bin, "
             "the only pickle checkpoint transformers loads"
         )
-    return False
+    return None
 
 
 def _shards_listed_in(index_file: Path) -> list[Path]:
@@ -278,8 +280,8 @@ def _shards_listed_in(index_file: Path) -> list[Path]:
     return shards
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Raise ModelLoadError unless `path` is a complete, well-formed safetensors file.
+def check_safetensors_file(path: Path) -> dict:
+    """Raise ModelLoadError unless `path` is a complete, well-formed safetensors file; returns its header.
 
     A safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's
     byte range within the data section, then the data. A truncated file still has a valid header,
@@ -316,6 +318,7 @@ def check_safetensors_file(path: Path) -> None:
             opened.keys()
     except Exception as error:  # safetensors raises its own SafetensorError and plain OSErrors
         raise ModelLoadError(f"{path} is not a valid safetensors file: {_first_line(error)}") from error
+    return header
 
 
 def _load_config(model_dir: Path, *, trust_remote_code: bool) -> PretrainedConfig:
@@ -324,6 +327,9 @@ def _load_config(model_dir: Path, *, trust_remote_code: bool) -> PretrainedConfi
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as error:  # unknown model_type, remote code refused, bad field values, ...
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise ModelLoadError(f"the model config in {model_dir} needs the model's own Python code (auto_map), "
+                                 "which is not run unless you pass --trust-remote-code") from error
         raise ModelLoadError(f"cannot read the model config in {model_dir}: {_first_line(error)}") from error
 
 
@@ -344,9 +350,7 @@ def _load_weights(
     use_safetensors: bool,
     trust_remote_code: bool,
 ) -> torch.nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    model_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    model_class = _model_class(kind)
     try:
         # ignore_mismatched_sizes=True makes transformers report shape mismatches in the loading
         # info (checked below) instead of raising a RuntimeError that points at a logged report.
@@ -362,6 +366,10 @@ def _load_weights(
                 output_loading_info=True,
             )
     except Exception as error:
+        if "Weights only load failed" in str(error):  # torch.load(weights_only=True) met a non-tensor object
+            blocked = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
+            raise ModelLoadError(f"the pickle checkpoint in {model_dir} holds more than tensors and is refused even "
+                                 f"with --allow-pickle, which only reads tensors ({blocked})") from error
         raise ModelLoadError(f"transformers could not load {model_dir}: {_first_line(error)}") from error
 
     mismatched = sorted(loading_info.get("mismatched_keys") or [])
@@ -382,6 +390,12 @@ def _load_weights(
             f"from the weights, e.g. {missing[0]}"
         )
     return model
+
+
+def _model_class(kind: ModelKind):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
 
 
 @contextlib.contextmanager
@@ -452,8 +466,12 @@ def _convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
             source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
             config = AutoConfig.from_pretrained(**source)
             model_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+            check_config_fits_weights(model_class, config, _gguf_elements(gguf_path),
+                                      described_by=f"the metadata of {gguf_path}")
             model = model_class.from_pretrained(**source, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(**source)
+        except ModelLoadError:
+            raise
         except Exception as error:  # truncated file, unsupported architecture, bad metadata, ...
             raise ModelLoadError(
                 f"cannot load GGUF file {gguf_path} (corrupt, truncated or unsupported): {_first_line(error)}"
@@ -474,6 +492,13 @@ def _convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _gguf_elements(gguf_path: Path) -> int:
+    """Total elements of the tensors a GGUF file declares (read from its header, memory-mapped)."""
+    import gguf
+
+    return sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(str(gguf_path)).tensors)
+
+
 def _remove_stale_conversions(cache_dir: Path) -> None:
     """Delete temp directories that killed conversions of the same file left behind."""
     now = time.time()
@@ -491,12 +516,10 @@ def _remove_stale_conversions(cache_dir: Path) -> None:
 def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
     import onnx
 
-    try:
-        onnx_model = onnx.load(str(onnx_path))
-    except Exception as error:  # protobuf DecodeError for truncated files, missing external data, ...
-        raise ModelLoadError(
-            f"{onnx_path} is not a readable ONNX model (corrupt or truncated?): {_first_line(error)}"
-        ) from error
+    from ..onnx_io import load_checked
+
+    # opset within the rules' range; external data present and inside the model's directory
+    onnx_model = load_checked(onnx_path)
     try:
         # The path form also works for models over 2 GB with external data.
         onnx.checker.check_model(str(onnx_path))
@@ -515,8 +538,11 @@ def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
 
 
 def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message, for one-line user errors."""
-    for line in str(error).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(error).__name__
+    """The first non-empty line of an exception's message, for one-line user errors; with the next
+    line when the first only announces it (ends with a colon)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]

@@ -43,7 +43,8 @@ class ExpertPruning:
     layers: list[ExpertLayer]
     removed: dict[str, np.ndarray]  # expert group id -> removed experts (original numbering)
     scores: dict[int, np.ndarray]  # layer -> expert scores
-    report: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # the result: same inputs, same report
+    timings: dict[str, float] = field(default_factory=dict)  # measurements of this run
 
 
 def expert_criterion(name: str, **options) -> ExpertCriterion:
@@ -198,6 +199,6 @@ def prune_experts(model: torch.nn.Module, groups: GroupSet, *, criterion: str = 
         "experts_before": experts_before, "experts_removed": int(sum(len(r) for r in removed.values())),
         "kept_per_layer": {str(layer.layer): layer.num_experts - len(removed[layer.group.id]) for layer in layers},
         "removed_per_layer": {str(layer.layer): removed[layer.group.id].tolist() for layer in layers},
-        "uniform_layers": extra["uniform_layers"], "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "uniform_layers": extra["uniform_layers"],
     }
-    return ExpertPruning(new_model, layers, removed, scores, report)
+    return ExpertPruning(new_model, layers, removed, scores, report, timings)

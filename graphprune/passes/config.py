@@ -191,11 +191,13 @@ class ConfigRewrite:
     @staticmethod
     def _verify(config, model_class, state_shapes: dict[str, tuple[int, ...]]) -> None:
         try:
+            if hasattr(config, "validate"):  # what save_pretrained checks (e.g. hidden % heads for Llama)
+                config.validate()
             model = instantiate(model_class, config)
         except PruningError:
             raise
         except Exception as exc:  # noqa: BLE001 - the family's config validation refuses the sizes
-            raise PruningError(f"{type(config).__name__} refuses the pruned sizes: {str(exc).splitlines()[0]}"
+            raise PruningError(f"{type(config).__name__} refuses the pruned sizes: {' '.join(str(exc).split())}"
                                f"{_HEADS_HINT if not _has_native_head_dim(config) else ''}") from exc
         expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
         wrong = [f"{n}: weights {state_shapes[n]} vs config {expected[n]}" for n in state_shapes

@@ -10,7 +10,7 @@ E‖W̃ x̃ − W̃' x̃‖² subject to W̃'[:, R] = 0:
 The whole H is damped (SparseGPT's dampening), not only the kept block: the λ·W̃[:, K] term it
 adds pulls the refit toward the original weights, where damping only Hλ[K, K] would shrink the kept
 weights toward zero. Solved through a Cholesky factor; nothing is inverted explicitly except for
-OBS, which needs H⁻¹ itself (from the Cholesky factor, `cholesky_inverse`).
+OBS, which needs H⁻¹ itself (from the Cholesky factor).
 
 Structured OBS (ZipLM / SlimGPT): removing the column block C of one unit costs
     ε(C) = tr(W̃[:, C] · (H⁻¹[C, C])⁻¹ · W̃[:, C]ᵀ)
@@ -99,38 +99,61 @@ class ObsPath:
 
 
 def obs_greedy(weight_aug: torch.Tensor, gram: torch.Tensor, unit_columns: np.ndarray, count: int, *,
-               damp: float = DEFAULT_DAMP, steps: int = 64, dead_columns: np.ndarray | None = None) -> ObsPath:
+               damp: float = DEFAULT_DAMP, steps: int = 16, dead_columns: np.ndarray | None = None) -> ObsPath:
     """Remove `count` of the units (`unit_columns[u]` = the consumer columns of unit u) greedily.
 
     Units are removed in chunks of ceil(count / steps) from one error snapshot each (a chunk's
-    update is exact for the chunk; only its choice shares one snapshot), so 1536 FFN channels cost
-    about `steps` Gram downdates, not 1536. `dead_columns` are columns already removed by another
-    group on the same layer (they start removed).
+    update is exact for the chunk; only its choice shares one snapshot). Removed columns are
+    dropped from the working W and H⁻¹, so the downdates cost Σ (columns left)² · chunk rather
+    than n² per unit. `dead_columns` are columns already removed by another group on the same
+    layer (they start removed).
     """
+    n = gram.shape[0]
     w = weight_aug.clone()
-    hinv = torch.cholesky_inverse(_cholesky(damped(gram, damp)))
+    # H⁻¹ from the Cholesky factor; cholesky_solve against I (torch.cholesky_inverse takes tens of
+    # seconds on a 1537² matrix with the CPU build measured here, this well under one).
+    hinv = torch.cholesky_solve(torch.eye(n, dtype=gram.dtype), _cholesky(damped(gram, damp)))
+    hinv = (hinv + hinv.T) / 2
+    live = torch.arange(n)  # original index of each working column
     columns = torch.as_tensor(np.asarray(unit_columns, dtype=np.int64))  # [U, width]
     alive = torch.ones(columns.shape[0], dtype=torch.bool)
     order: list[int] = []
     step_error: list[float] = []
+
+    def remove(original: torch.Tensor) -> float:
+        nonlocal w, hinv, live
+        position = torch.full((n,), -1, dtype=torch.long)
+        position[live] = torch.arange(live.numel())
+        drop = position[original]
+        keep_mask = torch.ones(live.numel(), dtype=torch.bool)
+        keep_mask[drop] = False
+        keep = torch.nonzero(keep_mask).flatten()
+        factor = _cholesky(hinv[drop][:, drop])
+        wc = w[:, drop]
+        coef = torch.cholesky_solve(wc.T.contiguous(), factor).T  # W_C · B⁻¹   [out, |C|]
+        rows = hinv[drop][:, keep]  # H⁻¹[C, K]
+        w = w[:, keep] - coef @ rows
+        hinv = hinv[keep][:, keep] - rows.T @ torch.cholesky_solve(rows, factor)
+        live = live[keep]
+        return float((coef * wc).sum())
+
     if dead_columns is not None and len(dead_columns):
-        _remove_columns(w, hinv, torch.as_tensor(np.asarray(dead_columns, dtype=np.int64)))
+        remove(torch.as_tensor(np.unique(np.asarray(dead_columns, dtype=np.int64))))
     chunk = max(1, -(-count // max(steps, 1)))
     while len(order) < count:
         candidates = torch.nonzero(alive).flatten()
-        cols = columns[candidates]  # [C, width]
-        errors = _unit_errors(w, hinv, cols)
+        position = torch.full((n,), -1, dtype=torch.long)
+        position[live] = torch.arange(live.numel())
+        errors = _unit_errors(w, hinv, position[columns[candidates]])
         take = min(chunk, count - len(order))
         best = candidates[torch.argsort(errors, stable=True)[:take]]
-        removed_cols = columns[best].reshape(-1)
-        before = w.clone() if take > 1 else None
-        err = _remove_columns(w, hinv, removed_cols)
-        if before is not None:
-            err = err / take
+        err = remove(columns[best].reshape(-1)) / take
         alive[best] = False
         order.extend(int(u) for u in best)
         step_error.extend([err] * take)
-    return ObsPath(order, step_error, w)
+    full = torch.zeros_like(weight_aug)
+    full[:, live] = w
+    return ObsPath(order, step_error, full)
 
 
 def _unit_errors(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -140,21 +163,10 @@ def _unit_errors(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> tor
         return (w[:, c] ** 2).sum(0) / torch.diagonal(hinv)[c].clamp_min(1e-30)
     blocks = hinv[cols[:, :, None], cols[:, None, :]].contiguous()  # [U, width, width]
     wc = w[:, cols].permute(1, 2, 0).contiguous()  # [U, width, out]
-    solved = torch.linalg.solve(blocks, wc)
+    # Blocks of H⁻¹ are symmetric positive definite: Cholesky, not LU (whose batched MKL path
+    # failed on some inputs after a model forward in the same process).
+    factor, info = torch.linalg.cholesky_ex(blocks)
+    if bool((info != 0).any()):
+        factor = torch.stack([_cholesky(b) for b in blocks])
+    solved = torch.cholesky_solve(wc, factor)
     return (wc * solved).sum(dim=(1, 2))
-
-
-def _remove_columns(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> float:
-    """OBS update removing the column block `cols` in place; returns the error it adds."""
-    block = hinv[cols][:, cols]
-    factor = _cholesky(block)
-    wc = w[:, cols]
-    coef = torch.cholesky_solve(wc.T.contiguous(), factor).T  # W_C · B⁻¹   [out, |C|]
-    error = float((coef * wc).sum())
-    rows = hinv[cols, :]  # [|C|, n]
-    w -= coef @ rows
-    hinv -= hinv[:, cols] @ torch.cholesky_solve(rows, factor)
-    w[:, cols] = 0
-    hinv[cols, :] = 0
-    hinv[:, cols] = 0
-    return error

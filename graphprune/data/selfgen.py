@@ -1,0 +1,99 @@
+"""Self-generated calibration (`--calib none`): the model writes its own calibration text.
+
+For users without data (or who may not share it): each sample starts from one word of a short list of
+common English sentence openers (plus BOS where the model needs it), and the model continues it by
+sampling (temperature, nucleus top-p) until the window is full; end-of-sequence is suppressed so every
+window has exactly `seqlen` tokens. A fixed seed makes the text, and so the kept units, reproducible;
+the text is returned so the run report can record it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CalibrationError
+
+OPENERS = ("The", "In", "A", "It", "This", "When", "After", "One", "He", "She", "They", "We", "There", "As",
+           "According", "During", "Although", "If", "Many", "Some")
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 0.95
+
+
+@dataclass
+class GeneratedCalibration:
+    batches: torch.Tensor  # [nsamples, seqlen] token ids
+    texts: list[str]
+    settings: dict[str, Any]
+
+
+def generate_calibration(model: torch.nn.Module, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int = 0,
+                         add_bos: bool = False, temperature: float = DEFAULT_TEMPERATURE,
+                         top_p: float = DEFAULT_TOP_P, batch_size: int = 32,
+                         progress: bool = True) -> GeneratedCalibration:
+    if not hasattr(model, "generate") or not getattr(model.config, "is_decoder", True) \
+            or getattr(model.config, "model_type", "") in ("bert", "roberta", "xlm-roberta", "distilbert"):
+        raise CalibrationError(f"{type(model).__name__} cannot generate text, so --calib none has nothing to "
+                               f"calibrate on: give a calibration file, or use a weight-only criterion")
+    prefix: list[int] = []
+    if add_bos:
+        if tokenizer.bos_token_id is None:
+            raise CalibrationError("the model needs BOS but its tokenizer defines none")
+        prefix = [int(tokenizer.bos_token_id)]
+    openers = [tokenizer(w, add_special_tokens=False)["input_ids"][:1] for w in OPENERS]
+    openers = [o for o in openers if o]
+    if not openers:
+        raise CalibrationError("the tokenizer encodes none of the sentence openers used to start generation")
+    if seqlen <= len(prefix) + 1:
+        raise CalibrationError(f"--seqlen {seqlen} leaves no room for generated tokens")
+    new_tokens = seqlen - len(prefix) - 1
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = eos if eos is not None else 0
+    rows = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        starts = torch.randint(len(openers), (nsamples,)).tolist()
+        steps = range(0, nsamples, batch_size)
+        for begin in tqdm(steps, desc="generating calibration", unit="batch", disable=not progress, leave=False):
+            ids = torch.tensor([prefix + openers[s] for s in starts[begin:begin + batch_size]], dtype=torch.long)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=temperature, top_p=top_p, top_k=0,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     pad_token_id=pad, use_cache=True)
+            rows.append(out[:, :seqlen])
+    batches = torch.cat(rows)
+    if batches.shape != (nsamples, seqlen):
+        raise CalibrationError(f"generation produced {tuple(batches.shape)} tokens, expected {(nsamples, seqlen)}")
+    texts = tokenizer.batch_decode(batches, skip_special_tokens=False)
+    settings = {"method": "self-generated", "temperature": temperature, "top_p": top_p, "seed": seed,
+                "openers": list(OPENERS), "bos": bool(prefix)}
+    return GeneratedCalibration(batches, texts, settings)
+
+
+def cached_generation(key: str, generate) -> GeneratedCalibration:
+    """`generate()` once per key: the token ids (safetensors) and texts/settings (JSON) are kept in the
+    calibration cache, so re-pruning at another sparsity does not sample again."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ..calibrate import cache_dir, write_cache_entry
+
+    directory = cache_dir()
+    ids_path, meta_path = directory / f"{key}.safetensors", directory / f"{key}.json"
+    if ids_path.exists() and meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            return GeneratedCalibration(load_file(str(ids_path))["ids"], meta["texts"], meta["settings"])
+        except Exception:  # noqa: BLE001 - a damaged cache entry is regenerated, never trusted
+            pass
+    result = generate()
+    # ids first: an entry counts only when both files exist
+    write_cache_entry(ids_path.name, lambda tmp: save_file({"ids": result.batches.contiguous()}, str(tmp)))
+    write_cache_entry(meta_path.name, lambda tmp: tmp.write_text(
+        json.dumps({"texts": result.texts, "settings": result.settings}), encoding="utf-8"))
+    return result
