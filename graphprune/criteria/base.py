@@ -60,6 +60,10 @@ class Criterion:
     def score(self, group: Group, ctx: ScoringContext) -> np.ndarray:
         raise NotImplementedError
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise a UserError if this criterion (with its options) cannot score `model`; called
+        before any calibration runs."""
+
     def diagnostics(self, groups: list[Group], ctx: ScoringContext) -> dict | None:
         """What the run report should say about how the criterion scored (None: nothing)."""
         return None
