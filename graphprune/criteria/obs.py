@@ -86,8 +86,10 @@ def output_fisher(model: torch.nn.Module, batches: torch.Tensor, modules: list[s
 
 @register
 class StructuredOBS(Criterion):
-    """Structured Optimal Brain Surgeon (ZipLM, Kurtić et al. 2023; SlimGPT, Ling et al. 2024), with
-    the layer errors weighted by the loss's output Fisher (as in Kwon et al. 2022's mask search).
+    """Structured OBS: greedy removal by the loss increase left after a least-squares update.
+
+    Structured Optimal Brain Surgeon as in ZipLM (Kurtić et al. 2023) and SlimGPT (Ling et al.
+    2024), with the layer errors weighted by the loss's output Fisher (as in Kwon et al. 2022).
 
     Each unit of a group owns a block C of input columns of its consumer layer (an FFN channel one
     column of down_proj, a head `head_dim` columns of o_proj). With H = E[x̃ x̃ᵀ] of that layer's
@@ -119,6 +121,9 @@ class StructuredOBS(Criterion):
 
     name = "obs"
     needs = frozenset({"gram"})
+    option_help = {"scale": "fisher (default for causal LMs), output (default otherwise), residual or none",
+                   "damp": "fraction of mean diag H added before inverting (0.01)",
+                   "steps": "greedy error snapshots per group (64)"}
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
