@@ -153,6 +153,7 @@ def test_compress_with_lsq_writes_the_refit_weights_of_each_consumer(model_and_t
 @pytest.mark.parametrize("options", [dict(criterion="flap", compensate="lsq", sequential=True),
                                      dict(criterion="obs"), dict(criterion="obs", sequential=True),
                                      dict(criterion="obs", allocation="uniform"),
+                                     dict(criterion="obs", criterion_options={"scale": "fisher"}),
                                      dict(criterion="flap", compensate="bias", sequential=True)])
 def test_layerwise_modes_prune_to_a_valid_model_with_lower_layer_error(model_and_tokenizer, options):
     model, tok = model_and_tokenizer
