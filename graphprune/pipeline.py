@@ -428,13 +428,13 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
     total_layer_params = _layer_params(model)
     flops_before = _flops_per_token(groups)
     # channels inside routed experts: one count per layer, each expert its own lowest channels
-    bundles = ExpertChannelBundles.of(chosen)
+    bundles = ExpertChannelBundles.of(chosen, getattr(model, "config", None))
     alloc_groups, alloc_scores, alloc_comparable = bundles.for_allocation(chosen, scores, comparable or None)
     plan = alloc_mod.allocate(alloc_groups, alloc_scores, method=allocation, sparsity=float(sparsity),
                               total_params=total_layer_params, floor=floor, round_to=round_to,
                               block_importance=calibration.block_angle if calibration else None,
                               comparable=alloc_comparable)
-    plan = bundles.expand(plan, scores)
+    plan = bundles.expand(plan, scores, round_to)
     if bundles and compensate == "bias":
         target_note = "; ".join(filter(None, [target_note, "channels inside routed experts are not bias-compensated "
                                                            "(stacked experts have no bias per expert)"]))

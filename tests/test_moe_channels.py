@@ -71,7 +71,8 @@ def test_pruned_experts_equal_the_dense_model_with_the_removed_channels_zeroed(f
     dense, config = build_tiny(family)
     result = prune(dense, calib_file, criterion=criterion, allocation=allocation)
     kept = result.report["kept_units"]["expert_channel"]
-    assert set(kept) == {"0", "1"} and all(k < 24 for k in kept.values())
+    # multiples of 8: transformers' default grouped_mm experts cannot run other widths
+    assert set(kept) == {"0", "1"} and min(kept.values()) < 24 and all(k % 8 == 0 for k in kept.values())
     for layer, count in kept.items():
         experts = result.model.model.layers[int(layer)].mlp.experts
         # every expert of a layer keeps the same count (one intermediate size per layer)
@@ -94,12 +95,13 @@ def test_each_expert_removes_its_own_weakest_channels():
                 rows = channels + [24 + c for c in channels]
                 block.mlp.experts.gate_up_proj[e, rows] *= 1e-3
                 block.mlp.experts.down_proj[e, :, channels] *= 1e-3
-    # 0.22 of the layer parameters: 7 of 24 channels per expert (attention is not targeted)
+    # 0.22 of the layer parameters: 7 of 24 channels per expert (attention is not targeted), 8 once
+    # the kept 17 are rounded to a multiple of 8
     result = compress(model, target="channels", criterion="magnitude", sparsity=0.22, allocation="uniform",
                       progress=False)
     for layer in (0, 1):
         removed = removed_per_expert(result, layer)
-        assert {len(r) for r in removed.values()} == {7}
+        assert {len(r) for r in removed.values()} == {8}
         assert all(set(weak[e]) < set(removed[e]) for e in range(8)), removed
 
 
@@ -110,8 +112,9 @@ def test_global_allocation_gives_per_layer_counts_that_reload_in_a_fresh_process
     with torch.no_grad():
         heterogeneous.model.layers[0].mlp.experts.down_proj.mul_(0.05)
     uniform, _ = build_tiny("qwen3_moe", seed=4)
-    for name, model, allocation in (("per_layer", heterogeneous, "global"), ("uniform", uniform, "uniform")):
-        result = prune(model, calib_file, criterion="flap", allocation=allocation, sparsity=0.3)
+    for name, model, criterion, allocation in (("per_layer", heterogeneous, "magnitude", "global"),
+                                               ("uniform", uniform, "flap", "uniform")):
+        result = prune(model, calib_file, criterion=criterion, allocation=allocation, sparsity=0.3)
         out = save_pruned(result.model, tmp_path / name, report=result.report)
         ids = example_inputs(config, seq_len=12)["input_ids"]
         with torch.no_grad():
@@ -132,10 +135,8 @@ def test_global_allocation_gives_per_layer_counts_that_reload_in_a_fresh_process
         cases = torch.load({str(tmp_path / 'inputs.pt')!r})
         out = {{}}
         for name, (path, ids) in cases.items():
+            # transformers' default experts kernel (grouped_mm), which needs aligned widths
             model = (load_pruned(path) if name == "per_layer" else AutoModelForCausalLM.from_pretrained(path)).eval()
-            for m in model.modules():  # the stacked-experts function the pruning process ran
-                if getattr(m, "config", None) is not None and hasattr(m.config, "_experts_implementation"):
-                    m.config._experts_implementation = "batched_mm"
             with torch.no_grad():
                 out[name] = model(input_ids=ids).logits.contiguous()
         save_file(out, {str(tmp_path / 'reloaded.safetensors')!r})
@@ -146,7 +147,7 @@ def test_global_allocation_gives_per_layer_counts_that_reload_in_a_fresh_process
 
     reloaded = load_file(str(tmp_path / "reloaded.safetensors"))
     for name, (_, _, logits) in cases.items():
-        assert torch.allclose(reloaded[name], logits, atol=1e-6), name
+        assert torch.allclose(reloaded[name], logits, atol=1e-5), name
 
 
 def test_experts_and_the_channels_inside_the_kept_ones_in_one_run(calib_file):

@@ -9,7 +9,9 @@ expert 1 are unrelated); how many is decided once per layer. For that the alloca
 *bundle*, one virtual group per stacked tensor whose unit j scores the mean over the experts of
 their j-th lowest score and costs the parameters of all experts: removing k units of the bundle
 removes the k lowest channels of every expert. Uniform allocation gives every layer the same
-count; global and cfsp give per-layer counts (written as `graphprune_layer_overrides`).
+count; global and cfsp give per-layer counts (written as `graphprune_layer_overrides`). The kept
+count is then rounded to the nearest multiple of `ALIGN` (8): transformers' default grouped_mm
+experts cannot run other widths, so the achieved sparsity can differ a little from the request.
 
 Calibration criteria read the input of each expert's down projection, a_t = act(gate_e h_t) ⊙
 up_e h_t over the tokens routed to that expert (unweighted by the gate, as for a dense layer the
@@ -20,6 +22,7 @@ experts module and checked once per layer against the module's own forward (one 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,27 +37,44 @@ from .layers import routing_forward
 from .routing import _routing_args
 
 
+# Kept channels per expert are a multiple of this: transformers' default experts kernel (grouped_mm)
+# refuses rows that are not 16-byte aligned ("strides should be multiple of 16 bytes" on CPU),
+# i.e. widths that are not a multiple of 8 in bf16 / 4 in fp32; a pruned model must still run.
+ALIGN = 8
+
+
 def is_expert_channel(group: Group) -> bool:
     return any(s.expert is not None for s in group.slices)
 
 
 @dataclass
 class ExpertChannelBundles:
-    """The per-expert channel groups of `chosen` bundled by stacked tensor (see module docstring)."""
+    """The per-expert channel groups of `chosen` bundled per layer (see module docstring)."""
 
-    members: dict[str, list[Group]]  # bundle id -> the per-expert groups (one per expert)
+    members: dict[str, list[Group]]  # bundle id -> the per-expert groups (one per expert), tied groups after
 
     @classmethod
-    def of(cls, chosen: list[Group]) -> "ExpertChannelBundles":
+    def of(cls, chosen: list[Group], config=None) -> "ExpertChannelBundles":
+        """Bundles of one layer's experts of one stacked tensor, named by the config key that sizes
+        them. A plain channel group of the same layer sized by the same key joins the bundle: the
+        config gives both one size (DeepSeek builds its shared experts from moe_intermediate_size)."""
+        from ..passes.config import CHANNEL_KEYS, EXPERT_CHANNEL_KEYS, _find_key
+
+        def bundle_of(g: Group, inside: bool) -> str:
+            key = _find_key(config, EXPERT_CHANNEL_KEYS if inside else CHANNEL_KEYS, g.units) if config else None
+            return f"experts:{g.layer}:{key or sorted((s.param, s.axis) for s in g.slices)}"
+
         members: dict[str, list[Group]] = {}
         for g in chosen:
             if is_expert_channel(g):
-                tensors = tuple(sorted((s.param, s.axis) for s in g.slices))
-                members.setdefault(f"experts:{g.layer}:{tensors}", []).append(g)
+                members.setdefault(bundle_of(g, True), []).append(g)
+        for g in chosen:
+            if g.kind == "channel" and not is_expert_channel(g) and bundle_of(g, False) in members:
+                members[bundle_of(g, False)].append(g)
         for bundle, groups in members.items():
             if len({g.units for g in groups}) != 1:
-                raise PruningError(f"{groups[0].scope}: experts of one stacked tensor have different channel counts "
-                                   f"{sorted({g.units for g in groups})}")
+                raise PruningError(f"{groups[0].scope}: parts sized by one config value have different channel "
+                                   f"counts {sorted({g.units for g in groups})}")
         return cls(members)
 
     def __bool__(self) -> bool:
@@ -80,17 +100,27 @@ class ExpertChannelBundles:
                                   flops_per_unit=sum(g.flops_per_unit for g in members)))
         return groups, out_scores, out_comparable
 
-    def expand(self, plan: Allocation, scores: dict[str, np.ndarray]) -> Allocation:
-        """The bundles' counts applied to their experts: each expert loses its own lowest channels."""
+    def expand(self, plan: Allocation, scores: dict[str, np.ndarray], round_to: int = 1) -> Allocation:
+        """The bundles' counts applied to their experts: each expert loses its own lowest channels.
+        Kept counts are rounded to the nearest multiple of `ALIGN` (and of `round_to`), see there."""
         removed = {k: v for k, v in plan.removed.items() if k not in self.members}
         floored = [g for g in plan.floored if g not in self.members]
+        multiple = math.lcm(ALIGN, max(1, round_to))
+        notes = list(plan.notes)
         for bundle, members in self.members.items():
+            units = members[0].units
             count = len(plan.removed.get(bundle, ()))
+            if count and units > multiple:
+                kept = min(units, max(multiple, multiple * round((units - count) / multiple)))
+                count = units - kept
             for g in members:
                 removed[g.id] = _lowest(scores_of(g, scores), count)
             if bundle in plan.floored:
                 floored += [g.id for g in members]
-        return Allocation(removed, floored, list(plan.notes))
+        if self.members:
+            notes.append(f"channels inside routed experts kept in multiples of {multiple} (transformers' grouped_mm "
+                         f"experts need 16-byte aligned rows)")
+        return Allocation(removed, floored, notes)
 
     def kept(self, removed: dict[str, np.ndarray]) -> dict[str, int]:
         """Layer -> channels each expert keeps (for the report)."""
