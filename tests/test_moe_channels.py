@@ -198,6 +198,27 @@ def test_expert_input_statistics_are_what_the_familys_eager_code_feeds_each_down
     assert sum(stats[k].count for k in keys) == ids.numel() * 2  # top-2: every token reaches two experts
 
 
+def test_gradient_statistics_of_an_expert_channel_read_that_experts_weights_only():
+    """s(u) = Σ w·∂L/∂w over rows c, I + c of gate_up_proj[e] and column c of down_proj[e]."""
+    from graphprune.gradients import lm_steps, unit_gradients
+
+    model, config = build_tiny("mixtral")
+    chosen = [g for g in select_groups(analyze(model), "channels") if g.layer == 0]
+    ids = example_inputs(config, batch_size=2, seq_len=16)["input_ids"]
+    stats = unit_gradients(model, lm_steps(model, ids, 2), chosen)
+    model.zero_grad()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    experts = model.model.layers[0].mlp.experts
+    up = (experts.gate_up_proj * experts.gate_up_proj.grad).double().sum(-1)  # [E, 2I]
+    down = (experts.down_proj * experts.down_proj.grad).double().sum(1)  # [E, I]
+    for g in chosen:
+        e = g.slices[0].expert
+        expected = up[e, :24] + up[e, 24:] + down[e]
+        assert np.allclose(stats.units[g.id]["sum"], expected.detach().numpy(), rtol=1e-4, atol=1e-7), e
+
+
 # ------------------------------------------------------------------------------ named limits
 def test_an_experts_module_that_does_not_compute_the_stacked_swiglu_is_refused_for_calibration_criteria(calib_file):
     model, _ = build_tiny("mixtral")
