@@ -7,9 +7,6 @@ rows/columns of any other pruned FFN channel. act(0) * 0 = 0, so that is exactly
 
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -25,6 +22,7 @@ from graphprune.moe import find_expert_layers
 from graphprune.moe.channels import expert_input_hooks, is_expert_channel
 from graphprune.pipeline import compress, select_groups
 from graphprune.testing.fixtures import byte_level_tokenizer, write_sample_text
+from graphprune.testing.reload import logits_in_fresh_process
 from graphprune.testing.zoo import build_tiny, example_inputs
 
 EXPERT_SIZE_KEY = {"mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size",
@@ -126,26 +124,9 @@ def test_global_allocation_gives_per_layer_counts_that_reload_in_a_fresh_process
             assert {layer: v["intermediate_size"] for layer, v in overrides.items()} == {"1": kept["1"]}
         else:
             assert json.loads((out / "config.json").read_text())["moe_intermediate_size"] == kept["0"]
-    torch.save({k: (v[0], v[1]) for k, v in cases.items()}, tmp_path / "inputs.pt")
-    child = textwrap.dedent(f"""
-        import torch
-        from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM
-        from graphprune.export import load_pruned
-        cases = torch.load({str(tmp_path / 'inputs.pt')!r})
-        out = {{}}
-        for name, (path, ids) in cases.items():
-            # transformers' default experts kernel (grouped_mm), which needs aligned widths
-            model = (load_pruned(path) if name == "per_layer" else AutoModelForCausalLM.from_pretrained(path)).eval()
-            with torch.no_grad():
-                out[name] = model(input_ids=ids).logits.contiguous()
-        save_file(out, {str(tmp_path / 'reloaded.safetensors')!r})
-    """)
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    from safetensors.torch import load_file
-
-    reloaded = load_file(str(tmp_path / "reloaded.safetensors"))
+    # transformers' default experts kernel (grouped_mm), which needs aligned widths
+    reloaded = logits_in_fresh_process({name: (path, ids, name == "uniform") for name, (path, ids, _) in cases.items()},
+                                       tmp_path)
     for name, (_, _, logits) in cases.items():
         assert torch.allclose(reloaded[name], logits, atol=1e-5), name
 
