@@ -41,6 +41,18 @@ def _damping(text: str) -> float:
     return value
 
 
+def _criterion_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    for cast in (int, float):
+        try:
+            return key.strip(), cast(value)
+        except ValueError:
+            pass
+    return key.strip(), value.strip()
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -85,6 +97,11 @@ def cmd_compress(args) -> int:
     check_options(criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation, target=args.target,
                   compensate=args.compensate, round_to=args.round_to, sequential=args.sequential,
                   calib_general=args.calib_general, calib_sources=len(calibs), **experts)
+    options = dict(args.option) or None
+    if options:
+        from . import criteria
+
+        criteria.get(args.criterion or "flap", **options)  # an unknown option fails before the model loads
     from .data.pairs import PAIR_FILE_SUFFIXES, read_pairs
 
     for source in (*calibs, args.calib_general):
@@ -102,7 +119,7 @@ def cmd_compress(args) -> int:
                       nsamples=args.nsamples, seqlen=args.seqlen,
                       seed=args.seed, compensate=args.compensate, round_to=args.round_to,
                       progress=not args.quiet, use_cache=not args.no_cache, release_input=True,
-                      sequential=args.sequential, damp=args.damp, **experts)
+                      sequential=args.sequential, damp=args.damp, criterion_options=options, **experts)
     source_dir = loaded.path if loaded.path.is_dir() else None
     exported = []
     also = None
@@ -182,7 +199,8 @@ def _compress_onnx(args, loaded) -> int:
     result = compress_onnx(loaded.onnx_model, criterion=args.criterion, sparsity=args.sparsity,
                            allocation=args.allocation or "global", target=args.target, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,
-                           tokenizer=loaded.tokenizer, progress=not args.quiet)
+                           tokenizer=loaded.tokenizer, progress=not args.quiet,
+                           criterion_options=dict(args.option) or None)
     r = result.report
     entry = result.model.metadata_props.add()
     entry.key, entry.value = "graphprune_report", json.dumps(r, sort_keys=True, default=str)
@@ -267,8 +285,11 @@ def cmd_criteria(args) -> int:
     from . import criteria
 
     for name in criteria.available():
-        doc = (criteria.get(name).__doc__ or "").strip().splitlines()[0]
+        scorer = criteria.get(name)
+        doc = (scorer.__doc__ or "").strip().splitlines()[0]
         print(f"{name:<12} {doc}")
+        for option, meaning in scorer.option_help.items():
+            print(f"{'':<12}   --option {option}=...  {meaning}")
     return 0
 
 
@@ -329,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compensate", choices=["none", "bias", "lsq"], default=None,
                    help="what the consumer layers do about removed inputs: bias (FLAP's mean), lsq (least-squares "
                         "refit of the kept weights and bias); default: bias for flap, lsq for obs, none otherwise")
+    p.add_argument("--option", action="append", default=[], type=_criterion_option, metavar="KEY=VALUE",
+                   help="an option of the criterion (repeatable), e.g. metric=IFV for flap, scale=output for obs; "
+                        "`graphprune criteria` lists them")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each layer's compensation on the outputs of the already pruned layers")
     p.add_argument("--damp", type=_damping, default=0.01,

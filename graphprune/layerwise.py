@@ -81,6 +81,7 @@ class BlockRunner:
             raise PruningError(f"{type(model).__name__}: no repeated blocks found, so it cannot be processed "
                                f"layer by layer")
         self.model = model
+        self.batches = batches  # token ids, for what needs the whole model (e.g. a loss gradient)
         self.prefix, self.blocks = found
         self.progress = progress
         self.modules = dict(model.named_modules())

@@ -289,6 +289,7 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
         t = time.perf_counter()
         groups = analyze(model)
     scorer = criteria_mod.get(criterion, **(criterion_options or {}))
+    scorer.check_model(model)
     target_note = None
     if target is None:
         target = DEFAULT_TARGET
@@ -405,7 +406,9 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
     comparable: dict[str, np.ndarray] = {}
     if "gram" in scorer.needs:
         try:
-            scores, comparable = scorer.score_blocks(runner, chosen, params, floor=floor)
+            paths_key = cache_key("obs-paths-v2", _fingerprint(model), calib_note, scorer.path_options(model), floor,
+                                  [(g.id, g.units) for g in chosen]) if use_cache else None
+            scores, comparable = scorer.score_blocks(runner, chosen, params, floor=floor, cache_key=paths_key)
         except MissingStatistics as exc:
             raise PruningError(f"criterion '{criterion}' cannot score {exc}") from exc
         if allocation != "global":

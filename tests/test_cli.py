@@ -82,6 +82,9 @@ BAD = [
     ("unknown criterion", ["--criterion", "magnitud"], "did you mean 'magnitude'"),
     ("unknown allocation", ["--allocation", "everywhere"], "invalid choice"),
     ("unknown target", ["--target", "layers"], "unknown --target"),
+    ("misspelt criterion option", ["--criterion", "obs", "--option", "scael=output"], "has no option 'scael'"),
+    ("criterion option without a value", ["--option", "metric"], "is not KEY=VALUE"),
+    ("unknown flap metric", ["--criterion", "flap", "--option", "metric=WIFX"], "choose one of WIFV, IFV, WIFN"),
 ]
 
 
@@ -91,6 +94,16 @@ def test_bad_arguments(model_dir, calib, tmp_path, label, args, needle):
     result = run("compress", model_dir, "--calib", calib, "--nsamples", "4", "--seqlen", "16", "--out", out, *args)
     assert_user_error(result, needle)
     assert not out.exists()
+
+
+def test_criterion_options_reach_the_criterion_and_the_report(model_dir, calib, tmp_path):
+    import json
+
+    out = tmp_path / "pruned"
+    result = run("compress", model_dir, "--criterion", "flap", "--option", "metric=IFV", "--sparsity", "0.3",
+                 "--calib", calib, "--nsamples", "8", "--seqlen", "32", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "graphprune_report.json").read_text())["criterion_options"] == {"metric": "IFV"}
 
 
 def test_bad_model_paths(tmp_path):

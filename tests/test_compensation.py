@@ -174,8 +174,24 @@ def test_sequential_reselection_keeps_the_allocated_counts(model_and_tokenizer):
     assert {g: len(r) for g, r in plain.removed.items()} == {g: len(r) for g, r in seq.removed.items()}
 
 
+def test_obs_search_is_cached_and_reused_at_another_sparsity(model_and_tokenizer, monkeypatch):
+    """The greedy path runs every group to its floor, so a second run (other sparsity) skips it and
+    removes exactly what a fresh search would."""
+    from graphprune.criteria.obs import StructuredOBS
+
+    model, tok = model_and_tokenizer
+    kw = dict(criterion="obs", tokenizer=tok, nsamples=16, seqlen=32, progress=False)
+    graphprune.compress(model, sparsity=0.2, use_cache=True, **kw)
+    fresh = graphprune.compress(model, sparsity=0.4, use_cache=False, **kw)
+    monkeypatch.setattr(StructuredOBS, "paths", lambda *a, **k: pytest.fail("the OBS search ran again"))
+    cached = graphprune.compress(model, sparsity=0.4, use_cache=True, **kw)
+    assert fresh.removed.keys() == cached.removed.keys()
+    assert all(np.array_equal(fresh.removed[g], cached.removed[g]) for g in fresh.removed)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(criterion="obs", compensate="bias"), "least-squares"),
+    (dict(criterion="obs", criterion_options={"scale": "loss"}), "scale='loss'"),
     (dict(criterion="flap", compensate="none", sequential=True), "--sequential"),
     (dict(criterion="flap", compensate="ols"), "unknown --compensate"),
 ])
@@ -208,3 +224,37 @@ def test_block_runner_reproduces_the_models_own_forward(family):
     handle.remove()
     for got, want in zip(inputs, expected):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_output_fisher_is_the_mean_squared_token_loss_gradient_of_each_output(model_and_tokenizer):
+    from graphprune.criteria.obs import output_fisher
+
+    model, _ = model_and_tokenizer
+    batches = torch.randint(3, 200, (4, 10))
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    fisher = output_fisher(model, batches, names, batch_size=2)
+    outputs = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, []).append(o))
+               for n in names]
+    expected = {n: 0 for n in names}
+    for chunk in (batches[:2], batches[2:]):
+        outputs.clear()
+        with torch.enable_grad():
+            out = model(input_ids=chunk, labels=chunk)
+            grads = torch.autograd.grad(out.loss * chunk.shape[0] * (chunk.shape[1] - 1), [outputs[n][0] for n in names])
+        for n, g in zip(names, grads):
+            expected[n] = expected[n] + (g.double() ** 2).reshape(-1, g.shape[-1]).sum(0)
+    for h in handles:
+        h.remove()
+    for n in names:
+        assert torch.allclose(fisher[n], expected[n] / batches.numel(), rtol=1e-4, atol=1e-12)
+    assert all(p.requires_grad for p in model.parameters()), "parameters' requires_grad must be restored"
+
+
+def test_obs_fisher_weighting_needs_a_language_model_loss():
+    from graphprune.testing.zoo import build_tiny
+
+    model, _ = build_tiny("bert")
+    with pytest.raises(UserError, match="scale=fisher needs a language-model loss"):
+        graphprune.compress(model, criterion="obs", criterion_options={"scale": "fisher"}, sparsity=0.3,
+                            tokenizer=byte_level_tokenizer(), progress=False, use_cache=False)

@@ -66,11 +66,25 @@ class Criterion:
     # subset of {"activations", "gradients", "general_gradients", "block_angles"}
     needs: ClassVar[frozenset[str]] = frozenset()
 
+    # Option names this criterion reads, with what each means (shown by `graphprune criteria`);
+    # anything else is refused, so a misspelt option never silently falls back to a default.
+    option_help: ClassVar[dict[str, str]] = {}
+
     def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.option_help))
+        if unknown:
+            from ..errors import UserError
+
+            known = ", ".join(sorted(self.option_help)) or "none"
+            raise UserError(f"criterion '{self.name}' has no option {unknown[0]!r} (its options: {known})")
         self.options = options
 
     def score(self, group: Group, ctx: ScoringContext) -> np.ndarray:
         raise NotImplementedError
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise a UserError if this criterion (with its options) cannot score `model`; called
+        before any calibration runs."""
 
     def diagnostics(self, groups: list[Group], ctx: ScoringContext) -> dict | None:
         """What the run report should say about how the criterion scored (None: nothing)."""

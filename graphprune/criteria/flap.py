@@ -20,6 +20,15 @@ class FLAP(ChannelCriterion):
     """
 
     name = "flap"
+    option_help = {"metric": "WIFV (default), IFV or WIFN"}
+    METRICS = ("WIFV", "IFV", "WIFN")
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        if str(self.options.get("metric", "WIFV")).upper() not in self.METRICS:
+            from ..errors import UserError
+
+            raise UserError(f"flap option metric={self.options['metric']!r}: choose one of {', '.join(self.METRICS)}")
 
     def column_metric(self, st, w):
         metric = str(self.options.get("metric", "WIFV")).upper()

@@ -60,6 +60,8 @@ class GAPrune(Criterion):
     """
 
     name = "gaprune"
+    option_help = {"general_weight": "weight λ of the general-domain Fisher (0.5)",
+                   "alignment_weight": "weight α of the domain/general gradient alignment (0.5)"}
     needs = frozenset({"gradients", "general_gradients"})
 
     def _weights(self) -> tuple[float, float]:

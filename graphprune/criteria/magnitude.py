@@ -17,6 +17,7 @@ class Magnitude(Criterion):
     """
 
     name = "magnitude"
+    option_help = {"norm": "p of the Lp norm over a unit's slices (2)"}
 
     def score(self, group, ctx):
         p = float(self.options.get("norm", 2))

@@ -1,89 +1,227 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from ..calibrate import read_cache_entry, write_cache_tensors
+from ..errors import UserError
 from ..passes import lsq
 from . import register
-from .base import Criterion, MissingStatistics
+from .base import Criterion, MissingStatistics, module_of
+
+SCALES = ("fisher", "residual", "output", "none")
+_ENERGIES = ("residual", "output")  # what the unweighted scales divide by, kept per group
+
+
+@dataclass
+class GroupPath:
+    """One group's greedy OBS removal: units in removal order, the error each removal added, and
+    the energies a global ranking may divide that error by."""
+
+    order: np.ndarray
+    step_error: np.ndarray
+    scale: dict[str, float]
+
+
+def save_paths(key: str, paths: dict[str, GroupPath], row_weights: dict[str, torch.Tensor]) -> None:
+    tensors = {f"rows/{module}": w for module, w in row_weights.items()}
+    for gid, p in paths.items():
+        tensors[f"order/{gid}"] = torch.as_tensor(p.order, dtype=torch.int64)
+        tensors[f"error/{gid}"] = torch.as_tensor(p.step_error, dtype=torch.float64)
+        tensors[f"scale/{gid}"] = torch.tensor([p.scale[k] for k in _ENERGIES], dtype=torch.float64)
+    write_cache_tensors(key, tensors)
+
+
+def load_paths(key: str, groups) -> tuple[dict[str, GroupPath], dict[str, torch.Tensor]] | None:
+    tensors = read_cache_entry(key)
+    if tensors is None or any(f"order/{g.id}" not in tensors for g in groups):
+        return None
+    paths = {g.id: GroupPath(tensors[f"order/{g.id}"].numpy(), tensors[f"error/{g.id}"].numpy(),
+                             dict(zip(_ENERGIES, tensors[f"scale/{g.id}"].tolist()))) for g in groups}
+    return paths, {k[5:]: v for k, v in tensors.items() if k.startswith("rows/")}
+
+
+def output_fisher(model: torch.nn.Module, batches: torch.Tensor, modules: list[str], *, batch_size: int = 4,
+                  progress: bool = False) -> dict[str, torch.Tensor]:
+    """E_t[(∂ℓ_t/∂y_o)²] for every output o of each module in `modules`: the diagonal Fisher of the
+    token LM loss with respect to the layer's output (what an error added to that output costs).
+
+    Gradients flow to activations only (the embeddings' output is made to require grad, no
+    parameter gradient is formed), with the summed - not mean - token loss, so batches of any size
+    weigh each token the same."""
+    from tqdm.auto import tqdm
+
+    found = dict(model.named_modules())
+    sums = {m: torch.zeros(found[m].out_features, dtype=torch.float64) for m in modules}
+    tokens = 0
+    handles = [model.get_input_embeddings().register_forward_hook(
+        lambda mod, args, out: out.detach().requires_grad_(True))]
+    for name in modules:
+        def keep(mod, args, out, name=name):
+            def accumulate(grad):
+                sums[name].add_((grad.detach().double() ** 2).reshape(-1, grad.shape[-1]).sum(0))
+            out.register_hook(accumulate)
+        handles.append(found[name].register_forward_hook(keep))
+    requires = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in requires:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            steps = range(0, batches.shape[0], batch_size)
+            for start in tqdm(steps, desc="output fisher", unit="batch", disable=not progress, leave=False):
+                chunk = batches[start:start + batch_size]
+                predicted = chunk.shape[0] * (chunk.shape[1] - 1)
+                out = model(input_ids=chunk, labels=chunk, use_cache=False)
+                (out.loss * predicted).backward()
+                tokens += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    return {m: s / max(tokens, 1) for m, s in sums.items()}
 
 
 @register
 class StructuredOBS(Criterion):
-    """Structured Optimal Brain Surgeon (ZipLM, Kurtić et al. 2023; SlimGPT, Ling et al. 2024).
+    """Structured OBS: greedy removal by the loss increase left after a least-squares update.
+
+    Structured Optimal Brain Surgeon as in ZipLM (Kurtić et al. 2023) and SlimGPT (Ling et al.
+    2024), with the layer errors weighted by the loss's output Fisher (as in Kwon et al. 2022).
 
     Each unit of a group owns a block C of input columns of its consumer layer (an FFN channel one
     column of down_proj, a head `head_dim` columns of o_proj). With H = E[x̃ x̃ᵀ] of that layer's
     input on calibration data (x̃ = (x, 1)), removing C and optimally updating the other columns and
     the bias costs
-        ε(C) = tr(W[:, C] · (H⁻¹[C, C])⁻¹ · W[:, C]ᵀ).
-    Units are removed greedily by smallest ε, H⁻¹ and W updated after each removal
-    (`passes/lsq.obs_greedy`), so the choice accounts for the compensation that follows (least
-    squares, which is what the OBS updates amount to).
+        ε(C) = Σ_o f_o · (W[:, C] · (H⁻¹[C, C])⁻¹ · W[:, C]ᵀ)_oo
+    where f_o = E[(∂ℓ/∂y_o)²] is the diagonal Fisher of the token loss with respect to output o
+    (``scale="fisher"``, the default for causal LMs), so ε is the second-order estimate of the loss
+    increase: one unit for every layer. The least-squares update is the same for every row
+    weighting (rows are fitted independently), so weighting only changes which units go and how
+    they compare. Units are removed greedily by smallest ε, H⁻¹ and W updated after each removal
+    (`passes/lsq.obs_greedy`), so the choice accounts for the compensation that follows.
 
     Score of a unit = its position in the greedy removal order (removed first = lowest). For the
-    global allocation a unit's comparable score is the reconstruction error its removal added,
-    per parameter it frees, relative to the mean squared norm of the hidden state entering its
-    block (``scale="residual"``, the default: an error in the residual stream matters relative to
-    what the stream carries; ``"output"`` divides by the layer's own output energy, ``"none"``
-    keeps absolute errors), made non-decreasing along the greedy order so a group's units are
-    always taken in that order. Options: ``damp`` (fraction of mean diag H added, 0.01), ``steps``
-    (greedy snapshots per group, 64).
+    global allocation a unit's comparable score is the error its removal added per parameter it
+    frees, made non-decreasing along the greedy order so a group's units are always taken in that
+    order. Without a language-model loss (encoders), or when asked, the errors are unweighted and
+    divided by an energy instead: ``"output"`` the layer's own output energy (relative error),
+    ``"residual"`` the mean squared norm of the hidden state entering the block, ``"none"``
+    absolute. Measured on SmolLM2-135M (README): layer-local scales mis-allocate badly (a layer
+    whose output is dominated by a few massive channels looks cheap to empty).
+    Options: ``damp`` (fraction of mean diag H added, 0.01), ``steps`` (greedy snapshots per group,
+    64), ``scale``.
+
+    The greedy path runs every group down to its floor whatever the sparsity, so it is cached
+    (safetensors, keyed by model, calibration and options): pruning again at another sparsity
+    skips the search.
     """
 
     name = "obs"
     needs = frozenset({"gram"})
+    option_help = {"scale": "fisher (default for causal LMs), output (default otherwise), residual or none",
+                   "damp": "fraction of mean diag H added before inverting (0.01)",
+                   "steps": "greedy error snapshots per group (64)"}
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        scale = options.get("scale")
+        if scale is not None and str(scale) not in SCALES:  # checked here, before any calibration runs
+            raise UserError(f"obs option scale={scale!r}: choose one of {', '.join(SCALES)}")
+        self.row_weights: dict[str, torch.Tensor] = {}
+
+    def scale_for(self, model: torch.nn.Module) -> str:
+        import inspect
+
+        has_loss = "labels" in inspect.signature(model.forward).parameters and hasattr(model, "get_input_embeddings")
+        scale = str(self.options.get("scale", "fisher" if has_loss else "output"))
+        if scale == "fisher" and not has_loss:
+            raise UserError(f"obs option scale=fisher needs a language-model loss, which {type(model).__name__} "
+                            f"does not compute: use scale=output")
+        return scale
+
+    def check_model(self, model):
+        self.scale_for(model)
+
+    def path_options(self, model: torch.nn.Module) -> dict:
+        """What the cached paths depend on besides model, calibration and groups."""
+        return {"damp": float(self.options.get("damp", lsq.DEFAULT_DAMP)), "steps": int(self.options.get("steps", 64)),
+                "weighted": self.scale_for(model) == "fisher"}
 
     def score(self, group, ctx):
         raise MissingStatistics(group)  # scored block by block in `score_blocks`
 
-    def score_blocks(self, runner, groups, params, *, floor: int = 1):
-        """Run the calibration set block by block (dense activations); returns (scores, comparable)."""
-        from ..passes.layerwise import consumers_by_block
+    def score_blocks(self, runner, groups, params, *, floor: int = 1, cache_key: str | None = None):
+        """Scores from the greedy OBS paths (computed block by block, or read from the cache);
+        returns (scores, comparable)."""
+        scale_kind = self.scale_for(runner.model)
+        cached = load_paths(cache_key, groups) if cache_key else None
+        if cached is None:
+            paths = self.paths(runner, groups, params, floor=floor, weighted=scale_kind == "fisher")
+            if cache_key:
+                save_paths(cache_key, paths, self.row_weights)
+        else:
+            paths, self.row_weights = cached
+        scores: dict[str, np.ndarray] = {}
+        comparable: dict[str, np.ndarray] = {}
+        for g in groups:
+            if g.id not in paths:
+                raise MissingStatistics(g)
+            path = paths[g.id]
+            count = len(path.order)
+            position = np.full(g.units, float(count))
+            position[path.order] = np.arange(count, dtype=np.float64)
+            scale = 1.0 if scale_kind in ("none", "fisher") else path.scale[scale_kind]
+            per_param = (np.maximum.accumulate(path.step_error / max(scale, 1e-30) / max(g.params_per_unit, 1))
+                         if count else np.zeros(0))
+            # strictly increasing, so ties never reorder a group's units in the global ranking
+            per_param = per_param + np.arange(count) * 1e-9 * (float(per_param.max()) if count else 0.0)
+            ceiling = (per_param.max() if count else 0.0) * 2 + 1.0  # floor units: never first
+            comp = np.full(g.units, ceiling)
+            comp[path.order] = per_param
+            scores[g.id] = position
+            comparable[g.id] = comp
+        return scores, comparable
+
+    def paths(self, runner, groups, params, *, floor: int = 1, weighted: bool = False) -> dict[str, GroupPath]:
+        """Run the calibration set block by block (dense activations) and remove each group's units
+        greedily down to `floor`: the removal order does not depend on the sparsity, so one run
+        serves every sparsity (and is cached)."""
+        from ..passes.layerwise import consumers_by_block, dense_block_runs
 
         damp = float(self.options.get("damp", lsq.DEFAULT_DAMP))
         steps = int(self.options.get("steps", 64))
-        scale_kind = str(self.options.get("scale", "residual"))
-        scores: dict[str, np.ndarray] = {}
-        comparable: dict[str, np.ndarray] = {}
-        plan = consumers_by_block(runner, groups)
-        inputs = runner.inputs
-        for index in range(max(plan, default=-1) + 1):
-            stages = plan.get(index, [])
-            run = runner.run_block(index, inputs, gram_modules=tuple(m for m, _ in stages),
-                                   desc=f"obs block {index}")
+        if weighted:
+            modules = sorted({m for stages in consumers_by_block(runner, groups).values() for m, _ in stages})
+            self.row_weights = output_fisher(runner.model, runner.batches, modules, progress=runner.progress)
+        found: dict[str, GroupPath] = {}
+        for _, stages, run, inputs in dense_block_runs(runner, groups, "obs block"):
             residual = float(sum((x.double() ** 2).sum() for x in inputs) / sum(x[..., 0].numel() for x in inputs))
             for module, members in stages:
                 gram = run.grams[module].matrix
                 w_aug = lsq.augmented_weight(params[f"{module}.weight"], params.get(f"{module}.bias"))
-                if scale_kind == "output":
-                    scale = float(torch.einsum("oi,ij,oj->", w_aug, gram, w_aug))
-                elif scale_kind == "none":
-                    scale = 1.0
-                else:
-                    scale = residual
+                output = float(torch.einsum("oi,ij,oj->", w_aug, gram, w_aug))
+                w_rows = self._weighted(module, w_aug)
                 for g, s in members:
                     count = max(0, g.units - floor)
-                    path = lsq.obs_greedy(w_aug, gram, s.indices, count, damp=damp, steps=steps)
-                    position = np.full(g.units, float(count))
-                    position[path.order] = np.arange(len(path.order), dtype=np.float64)
-                    per_param = np.maximum.accumulate(np.asarray(path.step_error) / max(scale, 1e-30)
-                                                      / max(g.params_per_unit, 1)) if count else np.zeros(0)
-                    # strictly increasing, so ties never reorder a group's units in the global ranking
-                    per_param = per_param + np.arange(count) * 1e-9 * (float(per_param.max()) if count else 0.0)
-                    ceiling = (per_param.max() if count else 0.0) * 2 + 1.0  # floor units: never first
-                    comp = np.full(g.units, ceiling)
-                    comp[path.order] = per_param
-                    scores[g.id] = position
-                    comparable[g.id] = comp
-            inputs = run.outputs
-        missing = [g for g in groups if g.id not in scores]
-        if missing:
-            raise MissingStatistics(missing[0])
-        return scores, comparable
+                    path = lsq.obs_greedy(w_rows, gram, s.indices, count, damp=damp, steps=steps)
+                    found[g.id] = GroupPath(np.asarray(path.order, dtype=np.int64),
+                                            np.asarray(path.step_error, dtype=np.float64),
+                                            {"residual": residual, "output": output})
+        return found
+
+    def _weighted(self, module: str, weight_aug: torch.Tensor) -> torch.Tensor:
+        """Rows scaled by √f_o, so plain squared errors of the scaled layer are Fisher-weighted ones."""
+        f = self.row_weights.get(module)
+        if f is None:
+            return weight_aug
+        # a floor keeps an output the loss never saw (f_o = 0) from dropping out of the fit entirely
+        return weight_aug * (f + 1e-6 * float(f.mean()) + 1e-30).sqrt()[:, None]
 
     def reselect(self, group, consumer, weight_aug, gram, count, dead_columns):
-        path = lsq.obs_greedy(weight_aug, gram.matrix, consumer.indices, count,
-                              damp=float(self.options.get("damp", lsq.DEFAULT_DAMP)),
+        path = lsq.obs_greedy(self._weighted(module_of(consumer.param), weight_aug), gram.matrix, consumer.indices,
+                              count, damp=float(self.options.get("damp", lsq.DEFAULT_DAMP)),
                               steps=int(self.options.get("steps", 64)), dead_columns=dead_columns)
         return np.asarray(path.order, dtype=np.int64)

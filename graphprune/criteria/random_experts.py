@@ -14,6 +14,7 @@ class RandomExperts(ExpertCriterion):
     """
 
     name = "random"
+    option_help = {"seed": "random seed (0)"}
     needs = frozenset()
 
     def score_layer(self, layer, domains):
