@@ -22,7 +22,9 @@ NEWS_CALIB_FROM = 0.35  # calibration uses news.txt from here on; evaluation its
 def calibration_sources(names: str | None, tmp: Path) -> list[str]:
     sources = []
     for name in (names or "").split("+"):
-        if name == "wiki":
+        if name == "none":  # self-generated (graphprune.data.selfgen)
+            sources.append("none")
+        elif name == "wiki":
             sources.append(str(data_file("wiki.train.txt")))
         elif name == "news":
             text = data_file("news.txt").read_text(encoding="utf-8")
@@ -38,6 +40,7 @@ def main() -> None:
     from bench.moe_fixture import cache_path
     from graphprune.data.calibration import load_calibration, needs_bos, read_text_file
     from graphprune.data.perplexity import perplexity
+    from graphprune.data.selfgen import self_generated
     from graphprune.graph import analyze
     from graphprune.models import load_model
     from graphprune.moe import collect_expert_stats, find_expert_layers, prune_experts
@@ -62,8 +65,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             domains = []
             for source in calibration_sources(spec["calib"], Path(tmp)):
-                batches = load_calibration(source, loaded.tokenizer, nsamples=spec["nsamples"], seqlen=spec["seqlen"],
-                                           seed=spec["seed"], add_bos=needs_bos(model))
+                if source == "none":
+                    batches = self_generated(model, loaded.tokenizer, nsamples=spec["nsamples"], seqlen=spec["seqlen"],
+                                             seed=spec["seed"], use_cache=False, progress=False).batches
+                else:
+                    batches = load_calibration(source, loaded.tokenizer, nsamples=spec["nsamples"],
+                                               seqlen=spec["seqlen"], seed=spec["seed"], add_bos=needs_bos(model))
                 domains.append(collect_expert_stats(model, layers, batches, progress=False))
         stats = {layer.experts: [d[layer.experts] for d in domains] for layer in layers}
         calib_s = time.perf_counter() - t

@@ -11,7 +11,14 @@ fraction from them ("prune s": scoring, allocation, rewrite); peak RSS is that p
 Defaults are reduced from BENCHMARKS.md so the grid fits a shared 2-core machine: calibration
 64 x 128 tokens, evaluation 8 windows of 512 tokens per domain (--full: 128 x 128 and 32 windows).
 
-    python -m bench.moe_experts [--full]
+`--calib-free` (issue 6) runs easyep and reap calibrated on wiki.train next to the same criteria on
+self-generated calibration (`--calib none`: the fixture writes 64 x 128 tokens itself, seed 0,
+temperature 1, top-p 0.95; "calib s" includes the generation).
+
+`--domains wiki --eval-windows 32` re-runs the criteria comparison on one calibration domain with
+a longer evaluation (the 8-window differences are within noise).
+
+    python -m bench.moe_experts [--full] [--calib-free] [--domains wiki,news] [--eval-windows N]
 """
 
 from __future__ import annotations
@@ -28,15 +35,24 @@ CRITERIA = ("easyep", "reap", "frequency")
 FRACTIONS = (0.25, 0.5)
 
 
-def children(full: bool) -> list[dict]:
+def children(full: bool, calib_free: bool = False, domains: tuple[str, ...] = ("wiki", "news"),
+             eval_windows: int | None = None) -> list[dict]:
     sizes = {"nsamples": PROTOCOL["calib_nsamples"] if full else 64, "seqlen": PROTOCOL["calib_seqlen"],
              "seed": PROTOCOL["seed"], "eval_seqlen": PROTOCOL["eval_seqlen"],
-             "eval_windows": PROTOCOL["eval_windows"] if full else 8}
+             "eval_windows": eval_windows or (PROTOCOL["eval_windows"] if full else 8)}
+    if calib_free:
+        runs = [{"criterion": c, "sparsity": s} for s in FRACTIONS for c in ("easyep", "reap")]
+        return [{**sizes, "dense": "moe"}] + [{**sizes, "calib": d, "runs": runs} for d in ("wiki", "none")]
     runs = [{"criterion": c, "sparsity": s} for s in FRACTIONS for c in CRITERIA]
-    return ([{**sizes, "dense": "smollm2"}, {**sizes, "dense": "moe"}]
-            + [{**sizes, "calib": d, "runs": runs} for d in ("wiki", "news")]
-            + [{**sizes, "calib": "wiki+news", "runs": [{"criterion": "easyep", "sparsity": s} for s in FRACTIONS]},
-               {**sizes, "calib": None, "runs": [{"criterion": "random", "sparsity": s} for s in FRACTIONS]}])
+    combined = [{**sizes, "calib": "wiki+news", "runs": [{"criterion": "easyep", "sparsity": s} for s in FRACTIONS]}]
+    return ([{**sizes, "dense": "smollm2"}] * (len(domains) > 1) + [{**sizes, "dense": "moe"}]
+            + [{**sizes, "calib": d, "runs": runs} for d in domains]
+            + combined * (len(domains) > 1)
+            + [{**sizes, "calib": None, "runs": [{"criterion": "random", "sparsity": s} for s in FRACTIONS]}])
+
+
+def _option(argv: list[str], name: str, default: str) -> str:
+    return argv[argv.index(name) + 1] if name in argv else default
 
 
 def main(argv: list[str]) -> None:
@@ -46,8 +62,10 @@ def main(argv: list[str]) -> None:
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
     rows = []
-    with open(results / "moe_experts.jsonl", "a") as log:
-        for spec in children("--full" in argv):
+    calib_free = "--calib-free" in argv
+    with open(results / ("moe_calibration_free.jsonl" if calib_free else "moe_experts.jsonl"), "a") as log:
+        for spec in children("--full" in argv, calib_free, tuple(_option(argv, "--domains", "wiki,news").split(",")),
+                             int(_option(argv, "--eval-windows", "0")) or None):
             proc = subprocess.run([sys.executable, "-m", "bench._moe_child", json.dumps(spec)], cwd=ROOT,
                                   capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]

@@ -66,8 +66,10 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | Non
 
 def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: list[str] = (),
             block_angles: bool = False, batch_size: int = 8,
-            progress: bool = True, add_kwargs: dict | None = None) -> Calibration:
-    """Run `batches` ([n, seqlen] token ids) through `model`, accumulating statistics."""
+            progress: bool = True, add_kwargs: dict | None = None, extra_hooks=()) -> Calibration:
+    """Run `batches` ([n, seqlen] token ids) through `model`, accumulating statistics.
+    `extra_hooks`: callables `install(result) -> hook handle` for statistics no module input holds
+    (the inputs of one expert inside stacked weights, `graphprune.moe.channels`)."""
     result = Calibration()
     modules = dict(model.named_modules())
     handles = []
@@ -88,6 +90,7 @@ def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: lis
 
     for name in dict.fromkeys(input_modules):
         handles.append(modules[name].register_forward_pre_hook(input_hook(name)))
+    handles += [install(result) for install in extra_hooks]
 
     if block_angles:
         blocks = find_blocks(model)

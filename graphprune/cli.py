@@ -327,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default=None, choices=["uniform", "global", "cfsp"],
                    help="default: global for decoders, uniform for encoders (keeps shapes AutoModel can load)")
     p.add_argument("--target", default=None,
-                   help="comma list of: channels, heads (whole KV groups under GQA), query-heads, experts (routed "
-                        "MoE experts, removed first); default: channels,heads where the config can express head "
-                        "removal, else channels")
+                   help="comma list of: channels (inside routed experts too), heads (whole KV groups under GQA), "
+                        "query-heads, experts (routed MoE experts, removed first), expert-channels (channels inside "
+                        "routed experts only); default: channels,heads where the config can express head removal, "
+                        "else channels")
     p.add_argument("--calib", action="append", default=None,
                    help="text file, 'default' (bundled excerpt, the default), hf:dataset, or 'none' (the model "
                         "generates its own calibration text; weight-only criteria need none); encoders: a .jsonl/.tsv "

@@ -43,8 +43,10 @@ class RetrievalResult:
 
 def is_encoder(model: Any) -> bool:
     """An embedding model rather than a causal LM (judged from the config like the model loader)."""
-    from .models.loading import _is_causal_lm
+    from .models.loading import _CAUSAL_LM_ARCHITECTURE_SUFFIXES, _is_causal_lm
 
+    if type(model).__name__.endswith(_CAUSAL_LM_ARCHITECTURE_SUFFIXES):  # an in-memory LM whose config lists none
+        return False
     config = getattr(model, "config", None)
     return config is not None and not _is_causal_lm(config)
 

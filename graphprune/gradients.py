@@ -70,11 +70,11 @@ def unit_gradients(model: torch.nn.Module, steps: Sequence[LossStep], chosen: li
                 for s in g.slices:
                     p = params[s.param]
                     # A tied tensor's gradient already sums both uses: count its slice once.
-                    key = (id(p), s.axis, np.asarray(s.indices).tobytes())
+                    key = (id(p), s.axis, s.expert, np.asarray(s.indices).tobytes())
                     if p.grad is None or key in counted:
                         continue
                     counted.add(key)
-                    wg = (p.detach() * p.grad).to(torch.float64).movedim(s.axis, 0)
+                    wg = s.units_first((p.detach() * p.grad).to(torch.float64))
                     idx = torch.as_tensor(s.indices)
                     per_unit += wg[idx.reshape(-1)].reshape(g.units, -1).sum(1)
                 units[g.id]["sum"] += per_unit.numpy()
@@ -100,8 +100,8 @@ def unit_alignment(chosen: list[Group], a: dict[str, torch.Tensor], b: dict[str,
             if s.param not in a or s.param not in b:
                 continue
             idx = torch.as_tensor(s.indices).reshape(-1)
-            ga = a[s.param].movedim(s.axis, 0)[idx].reshape(g.units, -1)
-            gb = b[s.param].movedim(s.axis, 0)[idx].reshape(g.units, -1)
+            ga = s.units_first(a[s.param])[idx].reshape(g.units, -1)
+            gb = s.units_first(b[s.param])[idx].reshape(g.units, -1)
             dot += (ga * gb).sum(1)
             norm_a += (ga * ga).sum(1)
             norm_b += (gb * gb).sum(1)

@@ -484,7 +484,7 @@ def compress_onnx(model: str | Path | onnx.ModelProto, *, criterion: str = "magn
     proto = model if isinstance(model, onnx.ModelProto) else load_checked(model)
     groups = build_groups(graph_from_onnx(proto))
     target = target or ONNX_DEFAULT_TARGET
-    chosen = select_groups(groups, target)
+    chosen = select_groups(groups, target, inside_experts=False)  # its rewrite keeps no per-expert widths
     blocked = [b for b in groups.blocked_ops]
     needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
     if needs & {"gradients", "gram"} or allocation == "cfsp" or compensate == "lsq":

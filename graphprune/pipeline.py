@@ -26,7 +26,7 @@ from .passes.config import instantiate
 
 # "heads" means whole KV groups under GQA and plain heads otherwise (see select_groups).
 TARGETS = {"channels": ("channel",), "heads": ("kv-group",), "query-heads": ("head",), "kv-groups": ("kv-group",),
-           "experts": ("expert",), "hidden": ("hidden",)}
+           "experts": ("expert",), "hidden": ("hidden",), "expert-channels": ("channel",)}
 COMPENSATIONS = ("none", "bias", "lsq")
 DEFAULT_TARGET = "channels,heads"
 # flap keeps FLAP's own bias compensation and obs needs least squares. lsq measured better than bias
@@ -96,13 +96,23 @@ def heads_expressible(model: torch.nn.Module, groups: GroupSet) -> bool:
     return size.shape[probe.axis] == expected
 
 
-def select_groups(groups: GroupSet, target: str) -> list[Group]:
+def select_groups(groups: GroupSet, target: str, inside_experts: bool = True) -> list[Group]:
+    """The prunable groups of the target's kinds. Channels inside routed experts (one group per
+    expert of stacked weights, `graphprune.moe.channels`) are "channels" unless `inside_experts`
+    is False (for callers whose rewrite cannot keep the experts' widths equal)."""
     kinds: set[str] = set()
-    for part in [t.strip() for t in target.split(",") if t.strip()]:
+    parts = [t.strip() for t in target.split(",") if t.strip()]
+    for part in parts:
         if part not in TARGETS:
             raise UserError(f"unknown --target '{part}' (choose from {', '.join(TARGETS)})")
         kinds.update(TARGETS[part])
+    # "expert-channels": the channels inside routed experts only (attention, shared experts and
+    # dense FFNs untouched)
+    only_inside_experts = "expert-channels" in parts and "channels" not in parts
+
     def wanted(g: Group) -> bool:
+        if g.kind == "channel" and only_inside_experts:
+            return any(s.expert is not None for s in g.slices)
         if g.kind in kinds:
             return True
         # "heads" removes whole KV groups under GQA; with plain multi-head attention (no KV group
@@ -110,10 +120,8 @@ def select_groups(groups: GroupSet, target: str) -> list[Group]:
         return "kv-group" in kinds and g.kind == "head" and g.parent is None
 
     chosen = [g for g in groups if wanted(g) and g.status in (PRUNABLE, OPT_IN)]
-    # Channels inside one expert of a stacked [E, ...] tensor: experts of one tensor must lose the
-    # same number of channels, which the slicer and allocator do not enforce yet; never prune them
-    # silently wrong.
-    chosen = [g for g in chosen if not any(s.expert is not None for s in g.slices)]
+    if not inside_experts:
+        chosen = [g for g in chosen if not any(s.expert is not None for s in g.slices)]
     if not chosen:
         blocked = [g for g in groups if g.kind in kinds]
         if blocked:
@@ -270,7 +278,8 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
             model, groups, criterion=expert_criterion, sparsity=expert_sparsity or sparsity,
             allocation=expert_allocation, calib=calib_sources, tokenizer=tokenizer, nsamples=nsamples,
             seqlen=seqlen, seed=seed, batch_size=batch_size, progress=progress,
-            criterion_options=criterion_options if criterion is None else None, release_input=release_input)
+            criterion_options=criterion_options if criterion is None else None, release_input=release_input,
+            use_cache=use_cache)
         timings.update({f"experts_{k}": v for k, v in experts_stage.timings.items()})
         timings["experts"] = time.perf_counter() - t
         model = experts_stage.model
@@ -301,6 +310,16 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
         raise PruningError(f"criterion '{criterion}' needs the gradient of a language-model loss, which "
                            f"{type(model).__name__} does not compute; choose one of {', '.join(others)}")
     layerwise = compensate == "lsq" or sequential or "gram" in scorer.needs
+    from .moe.channels import ExpertChannelBundles, expert_input_hooks, is_expert_channel
+
+    if layerwise and any(is_expert_channel(g) for g in chosen):
+        chosen = [g for g in chosen if not is_expert_channel(g)]
+        target_note = "; ".join(filter(None, [target_note, (
+            "channels inside routed experts are left as they are: least-squares compensation, --sequential and "
+            "obs need plain linear layers, not stacked expert weights")]))
+        if not chosen:
+            raise PruningError(f"no {target} groups left to prune: channels inside routed experts cannot be used "
+                               f"with --compensate lsq, --sequential or criterion obs")
     if layerwise:
         needs = needs | {"gram"}
         # The least-squares path reads consumer weights as [out, in]; GPT-2's Conv1D stores [in, out].
@@ -330,20 +349,14 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
                            batch_size=pair_batch if encoder else max(1, batch_size // 2))
         if str(calib) == "none":  # no data: the model writes its own calibration text
             from .calibration_sets import CalibrationSet
-            from .data.calibration import needs_bos
-            from .data.selfgen import cached_generation, generate_calibration
+            from .data.selfgen import self_generated
             from .gradients import lm_steps
 
             if encoder:
                 raise UserError("--calib none lets a causal LM write its own text; an embedding model needs "
                                 "(query, positive) pairs: give --calib FILE")
-
-            def generate():
-                return generate_calibration(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                            add_bos=needs_bos(model), progress=progress)
-
-            generated = cached_generation(cache_key("selfgen-v1", _fingerprint(model), nsamples, seqlen, seed),
-                                          generate) if use_cache else generate()
+            generated = self_generated(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                       use_cache=use_cache, progress=progress)
             batches = generated.batches
             calib_note = {"source": "none", "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                           "generation": generated.settings}
@@ -353,12 +366,15 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
             batches = domain.windows
             calib_note = dict(domain.note)
         if needs & {"activations", "block_angles"}:
-            modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g)})
-            key = cache_key("stats-v1", _fingerprint(model), calib_note, modules, "block_angles" in needs)
+            modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g) if s.expert is None})
+            expert_keys, expert_hooks = expert_input_hooks(model, chosen)
+            key = cache_key("stats-v1", _fingerprint(model), calib_note, modules + expert_keys,
+                            "block_angles" in needs)
             calibration = load_cached(key) if use_cache else None
             cache_state = "hit" if calibration is not None else "miss" if use_cache else "off"
             if calibration is None:
                 calibration = collect(model, batches, input_modules=modules, block_angles="block_angles" in needs,
+                                      extra_hooks=expert_hooks,
                                       batch_size=batch_size, progress=progress)
                 if use_cache:
                     save_cached(key, calibration)
@@ -414,10 +430,17 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
     t = time.perf_counter()
     total_layer_params = _layer_params(model)
     flops_before = _flops_per_token(groups)
-    plan = alloc_mod.allocate(chosen, scores, method=allocation, sparsity=float(sparsity),
+    # channels inside routed experts: one count per layer, each expert its own lowest channels
+    bundles = ExpertChannelBundles.of(chosen, getattr(model, "config", None))
+    alloc_groups, alloc_scores, alloc_comparable = bundles.for_allocation(chosen, scores, comparable or None)
+    plan = alloc_mod.allocate(alloc_groups, alloc_scores, method=allocation, sparsity=float(sparsity),
                               total_params=total_layer_params, floor=floor, round_to=round_to,
                               block_importance=calibration.block_angle if calibration else None,
-                              comparable=comparable or None)
+                              comparable=alloc_comparable)
+    plan = bundles.expand(plan, scores, round_to)
+    if bundles and compensate == "bias":
+        target_note = "; ".join(filter(None, [target_note, "channels inside routed experts are not bias-compensated "
+                                                           "(stacked experts have no bias per expert)"]))
     before = sum(p.numel() for p in _unique_params(model))
     timings["allocation"] = time.perf_counter() - t
     removed = plan.removed
@@ -450,7 +473,10 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
     flops_removed = sum(len(r) * groups.by_id(g).flops_per_unit for g, r in removed.items())
     kept = {}
     for g in chosen:
-        kept.setdefault(g.kind, {})[str(g.layer)] = g.units - len(removed.get(g.id, ()))
+        if not is_expert_channel(g):
+            kept.setdefault(g.kind, {})[str(g.layer)] = g.units - len(removed.get(g.id, ()))
+    if bundles:
+        kept["expert_channel"] = bundles.kept(removed)  # per expert: every expert of a layer keeps as many
     report = {
         "graphprune_version": _version(),
         "model": getattr(loaded, "name", type(model).__name__) if loaded else type(model).__name__,

@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -29,6 +28,7 @@ from graphprune.graph import analyze
 from graphprune.moe import find_expert_layers
 from graphprune.pipeline import compress
 from graphprune.testing.fixtures import byte_level_tokenizer, tiny_llama, write_sample_text
+from graphprune.testing.reload import logits_in_fresh_process
 from graphprune.testing.zoo import build_tiny, example_inputs
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
@@ -167,28 +167,9 @@ def test_uniform_and_per_layer_outputs_reload_in_a_fresh_process_with_identical_
         ids = example_inputs(config, seq_len=12)["input_ids"]
         with torch.no_grad():
             expected[str(out)] = (ids, result.model(input_ids=ids).logits, result.report["uniform_layers"])
-    torch.save({k: (v[0], v[2]) for k, v in expected.items()}, tmp_path / "inputs.pt")
-    child = textwrap.dedent(f"""
-        import torch
-        from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM
-        from graphprune.export import load_pruned
-        cases = torch.load({str(tmp_path / 'inputs.pt')!r})
-        out = {{}}
-        for n, (path, (ids, uniform)) in enumerate(sorted(cases.items())):
-            model = (AutoModelForCausalLM.from_pretrained(path) if uniform else load_pruned(path)).eval()
-            for m in model.modules():  # the stacked-experts function the pruning process ran
-                if getattr(m, "config", None) is not None and hasattr(m.config, "_experts_implementation"):
-                    m.config._experts_implementation = "batched_mm"
-            with torch.no_grad():
-                out[path] = model(input_ids=ids).logits.contiguous()
-        save_file(out, {str(tmp_path / 'reloaded.safetensors')!r})
-    """)
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    from safetensors.torch import load_file
-
-    reloaded = load_file(str(tmp_path / "reloaded.safetensors"))
+    # the stacked-experts function the pruning process ran
+    reloaded = logits_in_fresh_process({path: (path, ids, uniform) for path, (ids, _, uniform) in expected.items()},
+                                       tmp_path, experts_implementation="batched_mm")
     for path, (_, logits, _) in expected.items():
         assert torch.equal(reloaded[path], logits), path
         config = json.loads((tmp_path / path / "config.json").read_text())

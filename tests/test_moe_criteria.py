@@ -130,6 +130,18 @@ def test_routing_statistics_match_a_direct_computation():
     assert np.allclose(reap, (expected.gate_norm / expected.routed.clamp_min(1)).numpy(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_gate_weights_are_normalised_over_the_top_k_for_families_that_do_not_renormalise(family):
+    """OLMoE routes with top-k softmax probabilities (norm_topk_prob=False), DeepSeek scales by
+    routed_scaling_factor 2.5; g is normalised over each token's top-k, so Σ_e gate[e] = tokens."""
+    model, _ = build_tiny(family)
+    layers = find_expert_layers(model, analyze(model))
+    batches = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    for st in collect_expert_stats(model, layers, batches, progress=False).values():
+        assert st.tokens == 32 and torch.isclose(st.gate.sum(), torch.tensor(32.0, dtype=torch.float64))
+        assert st.routed.sum() == 64  # top-2
+
+
 def test_several_domains_are_combined_by_per_layer_normalised_sums():
     """Each domain's scores become shares of its layer total before adding: a domain with a large
     raw scale cannot drown the experts another domain needs."""

@@ -26,25 +26,37 @@ class ScoringContext:
 
     def weight(self, s: ParamSlice) -> torch.Tensor:
         """The slice's parameter as [units, width, rest...] (unit axis first)."""
-        moved = self.params[s.param].detach().movedim(s.axis, 0)  # a view: nothing copied yet
+        moved = s.units_first(self.params[s.param].detach())  # a view: nothing copied yet
         idx = torch.as_tensor(s.indices, dtype=torch.long)
         picked = moved[idx.reshape(-1)].to(torch.float64)  # convert only what is scored
         return picked.reshape(idx.shape[0], idx.shape[1], *moved.shape[1:])
 
     def input_stats(self, s: ParamSlice) -> InputStats | None:
         """Calibration statistics of the input of the layer that reads slice `s` as its input axis."""
-        if self.calibration is None or s.role != "linear.in":
+        if self.calibration is None or s.role not in CONSUMER_ROLES:
             return None
-        return self.calibration.inputs.get(module_of(s.param))
+        return self.calibration.inputs.get(stats_key(s))
 
 
 def module_of(param: str) -> str:
     return param.rsplit(".", 1)[0]
 
 
+# The input features of a linear layer, and of one expert inside stacked expert weights.
+CONSUMER_ROLES = ("linear.in", "expert.in")
+
+
 def consumer_slices(group: Group) -> list[ParamSlice]:
-    """Slices where the group's units are the *input* features of a linear layer (down_proj, o_proj)."""
-    return [s for s in group.slices if s.role == "linear.in"]
+    """Slices where the group's units are the *input* features of a linear layer (down_proj, o_proj),
+    or of one routed expert's down projection (a slice of the stacked `experts.down_proj`)."""
+    return [s for s in group.slices if s.role == "linear.in" or (s.role == "expert.in" and s.expert is not None)]
+
+
+def stats_key(s: ParamSlice) -> str:
+    """Where calibration keeps the input statistics of the layer reading `s`: the module name, or
+    for one expert of stacked weights `<param>[<expert>]` (e.g. `...mlp.experts.down_proj[3]`),
+    collected by `graphprune.moe.channels`."""
+    return f"{s.param}[{s.expert}]" if s.expert is not None else module_of(s.param)
 
 
 class Criterion:
@@ -103,7 +115,8 @@ class Criterion:
             if st is None:
                 continue
             # [out, in]: a torch Linear weight as it is, an ONNX MatMul weight [in, out] transposed
-            w = ctx.params[s.param].detach().movedim(s.axis, -1).to(torch.float64)
+            part, axis = s.local(ctx.params[s.param].detach())
+            w = part.movedim(axis, -1).to(torch.float64)
             idx = torch.as_tensor(s.indices, dtype=torch.long)  # [units, width]
             per_column = fn(st, w)  # [in]
             if column_transform is not None:

@@ -97,3 +97,19 @@ def cached_generation(key: str, generate) -> GeneratedCalibration:
     write_cache_entry(meta_path.name, lambda tmp: tmp.write_text(
         json.dumps({"texts": result.texts, "settings": result.settings}), encoding="utf-8"))
     return result
+
+
+def self_generated(model: torch.nn.Module, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int,
+                   use_cache: bool = True, progress: bool = True) -> GeneratedCalibration:
+    """`--calib none`: the calibration `model` writes itself, cached per (weights, sizes, seed)."""
+    from ..calibrate import cache_key
+    from ..pipeline import _fingerprint
+    from .calibration import needs_bos
+
+    def generate():
+        return generate_calibration(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                    add_bos=needs_bos(model), progress=progress)
+
+    if not use_cache:
+        return generate()
+    return cached_generation(cache_key("selfgen-v1", _fingerprint(model), nsamples, seqlen, seed), generate)

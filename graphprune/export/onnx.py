@@ -141,18 +141,25 @@ def _sample(model: torch.nn.Module, names: list[str], shape: tuple[int, int], *,
 
 @contextlib.contextmanager
 def _exportable(model: torch.nn.Module):
-    """Switch an MoE model to batched_mm experts for the export; restore it afterwards."""
-    config = getattr(model, "config", None)
-    current = getattr(config, "_experts_implementation", None)
+    """Switch an MoE model to batched_mm experts for the export; restore it afterwards.
+
+    Every config the modules hold is switched, not only the model's: the layers `load_pruned` rebuilt
+    with other sizes (per-layer overrides) keep their own copy of the config, which
+    `set_experts_implementation` on the model does not reach."""
     is_moe = any(type(m).__name__.endswith("Experts") for m in model.modules())
-    switched = is_moe and current not in (None, "batched_mm") and hasattr(model, "set_experts_implementation")
+    configs = {id(c): c for c in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
+               if c is not None and hasattr(c, "_experts_implementation")}
+    previous = {key: c._experts_implementation for key, c in configs.items()}
+    switched = is_moe and any(v not in (None, "batched_mm") for v in previous.values())
     if switched:
-        model.set_experts_implementation("batched_mm")
+        for c in configs.values():
+            c._experts_implementation = "batched_mm"
     try:
         yield switched
     finally:
         if switched:
-            model.set_experts_implementation(current)
+            for key, c in configs.items():
+                c._experts_implementation = previous[key]
 
 
 def _run_exporter(wrapper: torch.nn.Module, args: tuple, path: Path, names: list[str], output: str,

@@ -58,6 +58,18 @@ class ParamSlice:
     def width(self) -> int:
         return int(self.indices.shape[1])
 
+    def local(self, tensor):
+        """(the part of `tensor` this slice indexes, the axis of its units there): the expert's
+        own [out, in] matrix for a slice inside one expert, the tensor itself otherwise."""
+        if self.expert is None:
+            return tensor, self.axis
+        return tensor.select(self.expert_axis, self.expert), self.axis - int(self.axis > self.expert_axis)
+
+    def units_first(self, tensor):
+        """`tensor` restricted to this slice's expert with the unit axis moved first (a view)."""
+        part, axis = self.local(tensor)
+        return part.movedim(axis, 0)
+
     def describe(self) -> str:
         where = f"[{self.expert_axis}={self.expert}]" if self.expert is not None else ""
         return f"{self.param}{where}[{self.axis}]" + (f"×{self.width}" if self.width > 1 else "")
@@ -178,12 +190,30 @@ def _param_roles(graph: Graph) -> dict[tuple[str, int], tuple[str, str]]:
                     put(t, a, "norm", op.name)
             elif op.op in ("index", "gather", "index_select"):
                 put(t, 0, "indexed", op.name)
+                for a, role in _gathered_matmul_roles(graph, op, nd).items():
+                    put(t, a, role, op.name)
                 for a in range(1, nd):
                     put(t, a, op.op, op.name)
             else:
                 for a in range(nd):
                     put(t, a, op.op, op.name)
     return roles
+
+
+def _gathered_matmul_roles(graph: Graph, op, nd: int) -> dict[int, str]:
+    """Stacked expert weights W [E, out, in] are read as ``W[expert_ids]`` and a batched matmul:
+    the gathered tensor keeps W's axes 1.. and the matmul tells which of them is contracted with
+    the activations (``expert.in``, an expert's input features) and which it produces
+    (``expert.out``). Empty unless W is indexed on axis 0 only and its gather feeds a matmul."""
+    if op.attrs.get("positions") != [0] or op.op != "index" or nd < 3 or not op.outputs:
+        return {}
+    for reader in graph.consumers(op.outputs[0]):
+        if reader.op != "matmul" or graph.tensors[op.outputs[0]].ndim != nd:
+            continue
+        first = reader.inputs.index(op.outputs[0]) == 0
+        return ({nd - 1: "expert.in", nd - 2: "expert.out"} if first
+                else {nd - 2: "expert.in", nd - 1: "expert.out"})
+    return {}
 
 
 def _positions(layout: Layout, root: int, atoms) -> list[tuple[bool, bool, int, list[int]]]:

@@ -140,8 +140,10 @@ def choose_removed(layer: ExpertLayer, scores: np.ndarray, count: int) -> np.nda
 
 def score_experts(model: torch.nn.Module, layers: list[ExpertLayer], scorer: ExpertCriterion, *,
                   calib: Sequence[str], tokenizer: Any, nsamples: int, seqlen: int, seed: int, batch_size: int,
-                  progress: bool, routing_stats: dict[str, list[ExpertStats]] | None = None
-                  ) -> dict[int, np.ndarray]:
+                  progress: bool, routing_stats: dict[str, list[ExpertStats]] | None = None,
+                  use_cache: bool = True, generated: dict | None = None) -> dict[int, np.ndarray]:
+    """Scores per layer. `--calib none` among `calib`: the model writes its own calibration text
+    (`data.selfgen`); its settings and text go into `generated` (for the run report)."""
     domains: dict[str, list[ExpertStats]] = {layer.experts: [] for layer in layers}
     if routing_stats is not None:
         domains.update(routing_stats)
@@ -149,10 +151,18 @@ def score_experts(model: torch.nn.Module, layers: list[ExpertLayer], scorer: Exp
         if tokenizer is None:
             raise UserError(f"criterion '{scorer.name}' needs calibration text but the model has no tokenizer")
         from ..data.calibration import load_calibration, needs_bos
+        from ..data.selfgen import self_generated
 
         for source in calib:
-            batches = load_calibration(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                       add_bos=needs_bos(model))
+            if str(source) == "none":
+                text = self_generated(model, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                      use_cache=use_cache, progress=progress)
+                batches = text.batches
+                if generated is not None:
+                    generated.update(generation=text.settings, generated_text=text.texts)
+            else:
+                batches = load_calibration(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                           add_bos=needs_bos(model))
             stats = collect_expert_stats(model, layers, batches, batch_size=batch_size, progress=progress)
             for name, st in stats.items():
                 domains[name].append(st)
@@ -169,11 +179,13 @@ def prune_experts(model: torch.nn.Module, groups: GroupSet, *, criterion: str = 
                   allocation: str = "uniform", calib: Sequence[str] = ("default",), tokenizer: Any = None,
                   nsamples: int = 128, seqlen: int = 128, seed: int = 0, batch_size: int = 8, progress: bool = True,
                   criterion_options: dict | None = None, release_input: bool = False,
-                  routing_stats: dict[str, list[ExpertStats]] | None = None) -> ExpertPruning:
+                  routing_stats: dict[str, list[ExpertStats]] | None = None, use_cache: bool = True
+                  ) -> ExpertPruning:
     """Remove `sparsity` of the routed experts of every MoE layer of `model` (already analysed into
     `groups`); returns the rebuilt model. The input is left as it was unless `release_input`.
     `routing_stats` (experts module -> one `ExpertStats` per domain, from `collect_expert_stats`)
-    skips calibration, e.g. to compare criteria on the same statistics."""
+    skips calibration, e.g. to compare criteria on the same statistics. A `calib` source "none" is
+    text the model generates itself (seeded; recorded in the report)."""
     from ..pipeline import rewrite
 
     timings: dict[str, float] = {}
@@ -182,9 +194,10 @@ def prune_experts(model: torch.nn.Module, groups: GroupSet, *, criterion: str = 
     layers = find_expert_layers(model, groups)
     plan_counts(layers, sparsity, allocation)  # refuse impossible requests before calibrating
     t = time.perf_counter()
+    generated: dict = {}
     scores = score_experts(model, layers, scorer, calib=list(calib), tokenizer=tokenizer, nsamples=nsamples,
                            seqlen=seqlen, seed=seed, batch_size=batch_size, progress=progress,
-                           routing_stats=routing_stats)
+                           routing_stats=routing_stats, use_cache=use_cache, generated=generated)
     timings["calibration"] = time.perf_counter() - t
     counts = plan_counts(layers, sparsity, allocation, scores)
     removed = {layer.group.id: choose_removed(layer, scores[layer.layer], counts[layer.layer]) for layer in layers}
@@ -194,8 +207,8 @@ def prune_experts(model: torch.nn.Module, groups: GroupSet, *, criterion: str = 
     experts_before = sum(layer.num_experts for layer in layers)
     report = {
         "criterion": criterion, "allocation": allocation, "requested_sparsity": float(sparsity),
-        "calibration": ({"sources": [str(c) for c in calib], "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-                        if scorer.needs else None),
+        "calibration": ({"sources": [str(c) for c in calib], "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                         **generated} if scorer.needs else None),
         "experts_before": experts_before, "experts_removed": int(sum(len(r) for r in removed.values())),
         "kept_per_layer": {str(layer.layer): layer.num_experts - len(removed[layer.group.id]) for layer in layers},
         "removed_per_layer": {str(layer.layer): removed[layer.group.id].tolist() for layer in layers},

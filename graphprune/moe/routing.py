@@ -1,8 +1,11 @@
 """Routing statistics of every MoE layer over calibration text, from a hook on the experts module.
 
 The experts module receives exactly what routing decided: ``hidden_states`` h_t, ``top_k_index``
-and ``top_k_weights`` g(e, t) (already normalised and scaled the way the family does it), and
-returns the routed output routed_t = Σ_k g·E_k(h_t). The hook adds, per expert, running sums only:
+and ``top_k_weights`` (normalised and scaled the way the family does it), and returns the routed
+output routed_t (the family's weighted sum of its top-k experts). g(e, t) below is the token's
+weight of e normalised over its top-k (the same as the family's weight where it renormalises,
+Mixtral or norm_topk_prob=True, without DeepSeek's routed_scaling_factor). The hook adds, per
+expert, running sums only:
 
 * ``routed[e]``   number of tokens with e among their top-k choices,
 * ``gate_norm[e]`` Σ_{t routed to e} g(e, t)·‖E_e(h_t)‖,
@@ -59,7 +62,10 @@ def collect_expert_stats(model: torch.nn.Module, layers: list[ExpertLayer], batc
             hidden, index, weights = _routing_args(args, kwargs)
             hidden = hidden.reshape(-1, hidden.shape[-1])
             index = index.reshape(hidden.shape[0], -1)
-            weights = weights.reshape(hidden.shape[0], -1).to(torch.float64)
+            family = weights.reshape(hidden.shape[0], -1).to(torch.float64)
+            # g: the gate weights normalised over the token's top-k (EASY-EP, REAP), also for families
+            # that route with unnormalised probabilities (norm_topk_prob=False) or a scale (DeepSeek)
+            weights = family / family.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
             norms = torch.stack([forward(hidden, index[:, k:k + 1], ones).to(torch.float64).norm(dim=-1)
                                  for k in range(index.shape[1])], dim=1)  # [T, k] = ‖E_{index[t,k]}(h_t)‖

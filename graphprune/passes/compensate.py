@@ -21,7 +21,8 @@ class BiasCompensation:
     replaced by its calibration mean, which is a constant the layer adds:
         b' = b + Σ_{j removed} W[:, j] · mean(x_j)
     so the output keeps its expected value. Applied to every consumer (o_proj, down_proj, ...)
-    of every pruned group with statistics; a layer without a bias gets one.
+    of every pruned group with statistics; a layer without a bias gets one. Channels inside routed
+    experts are not compensated: stacked expert weights have no bias per expert.
     """
 
     def run(self, state: dict[str, torch.Tensor], groups: list[Group], removed: dict[str, np.ndarray],
@@ -32,6 +33,8 @@ class BiasCompensation:
             if units is None or len(units) == 0:
                 continue
             for s in consumer_slices(g):
+                if s.expert is not None:
+                    continue  # one expert of stacked weights: no per-expert bias to carry the constant
                 module = module_of(s.param)
                 stats = calibration.inputs.get(module)
                 if stats is None:

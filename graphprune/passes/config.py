@@ -15,7 +15,10 @@ from ..graph.groups import Group
 # Config keys by meaning, most common spelling first. The matching key is the one whose current
 # value equals the group's original unit count, so nothing here is tied to a model family.
 CHANNEL_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "moe_intermediate_size",
-                "shared_expert_intermediate_size", "ffn_hidden_size")
+                "shared_expert_intermediate_size", "ffn_hidden_size", "q_lora_rank", "kv_lora_rank")
+# Inside routed experts the expert-specific spelling comes first: a family with both (Qwen2-MoE,
+# DeepSeek) builds its experts from moe_intermediate_size and its dense layers from intermediate_size.
+EXPERT_CHANNEL_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size", "ffn_dim")
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
 # Routed experts per MoE layer (Mixtral, Qwen-MoE / OLMoE, DeepSeek, ...).
@@ -109,9 +112,14 @@ class ConfigRewrite:
             kept = g.units - len(removed.get(g.id, ()))
             values = layer_values.setdefault(g.layer, {})
             if g.kind == "channel":
-                key = _find_key(config, CHANNEL_KEYS, g.units)
+                inside_experts = any(s.expert is not None for s in g.slices)
+                key = _find_key(config, EXPERT_CHANNEL_KEYS if inside_experts else CHANNEL_KEYS, g.units)
                 if key is None:
                     raise PruningError(f"no config key holds the size {g.units} of {g.scope}; cannot rewrite the config")
+                if values.get(key, kept) != kept:
+                    raise PruningError(f"layer {g.layer}: {key} sizes two parts that keep different numbers of "
+                                       f"channels ({values[key]} and {kept}, {g.scope}); the config can only describe "
+                                       f"equal sizes: use --allocation uniform or prune one of them")
                 values[key] = kept
             elif g.kind == "kv-group":
                 child = by_id.get(g.children[0]) if g.children else None
@@ -160,7 +168,7 @@ class ConfigRewrite:
                 setattr(new, k, v)
             setattr(new, OVERRIDES_KEY, {str(i): v for i, v in full.items() if v != base})
         bias_keys = self._bias_flags(new, model_class, new_biases) if new_biases else []
-        self._verify(new, model_class, state_shapes)
+        self._verify(new, model_class, state_shapes, {s.param for g in groups for s in g.slices})
         return ConfigResult(new, full, uniform, bias_keys)
 
     @staticmethod
@@ -189,7 +197,8 @@ class ConfigRewrite:
         return chosen
 
     @staticmethod
-    def _verify(config, model_class, state_shapes: dict[str, tuple[int, ...]]) -> None:
+    def _verify(config, model_class, state_shapes: dict[str, tuple[int, ...]], pruned: set[str] = frozenset()
+                ) -> None:
         try:
             if hasattr(config, "validate"):  # what save_pretrained checks (e.g. hidden % heads for Llama)
                 config.validate()
@@ -204,6 +213,11 @@ class ConfigRewrite:
                  if n in expected and tuple(state_shapes[n]) != expected[n]]
         if wrong:
             hint = _HEADS_HINT if any("attn" in w or "attention" in w for w in wrong) else ""
+            untouched = [n for n in state_shapes if n in expected and tuple(state_shapes[n]) != expected[n]
+                         and n not in pruned]
+            if untouched:  # e.g. DeepSeek sizes its shared experts with the routed experts' moe_intermediate_size
+                hint += (f" ({untouched[0]} was not pruned, but the config sizes it with the same key as the pruned "
+                         f"weights: prune both together, e.g. --target channels with --allocation uniform)")
             raise PruningError("the rewritten config does not describe the pruned weights: " + "; ".join(wrong[:2]) + hint)
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import PruningError
 from ..graph.groups import Group
 
 
@@ -20,7 +21,8 @@ class SliceParameters:
     Works on a state dict, so it is the same for any module type: the model is rebuilt from the
     rewritten config afterwards (that rebuilt model is exactly what reloads from disk). Indices
     of all groups refer to the original axes, so a parameter cut by two groups (q_proj rows by
-    its kv-groups and by its heads) is cut once by the union.
+    its kv-groups and by its heads) is cut once by the union. A slice inside one expert of stacked
+    weights ([E, ...]) cuts that expert only; every expert of the tensor must keep the same width.
     """
 
     def run(self, state: dict[str, torch.Tensor], groups: list[Group], removed: dict[str, np.ndarray],
@@ -28,30 +30,59 @@ class SliceParameters:
         """`release(name)`, when given, is called once a parameter's original tensor is no longer
         needed, so the caller can free it: peak memory stays near one model instead of two."""
         drop: dict[tuple[str, int], set[int]] = {}
+        # (param, axis, expert axis) -> expert -> indices removed inside that expert only
+        per_expert: dict[tuple[str, int, int], dict[int, set[int]]] = {}
         for g in groups:
             units = removed.get(g.id)
             if units is None or len(units) == 0:
                 continue
             for s in g.slices:
-                drop.setdefault((s.param, s.axis), set()).update(s.indices[units].reshape(-1).tolist())
+                gone = s.indices[units].reshape(-1).tolist()
+                if s.expert is None:
+                    drop.setdefault((s.param, s.axis), set()).update(gone)
+                else:
+                    per_expert.setdefault((s.param, s.axis, s.expert_axis), {}).setdefault(s.expert, set()).update(gone)
         names_of = _alias_table(state, aliases or {})
         out = dict(state)
         kept: dict[tuple[str, int], np.ndarray] = {}
+        # Inside experts first: those indices count experts in the original numbering, which a cut
+        # along the expert axis itself (below) would change.
+        for (param, axis, expert_axis), gone_by_expert in per_expert.items():
+            names = names_of.get(param, [param])
+            tensor = out[names[0]]
+            parts = [_keep_in_expert(tensor, axis, expert_axis, e, gone_by_expert.get(e, set()))
+                     for e in range(tensor.shape[expert_axis])]
+            if len({p.shape for p in parts}) != 1:
+                widths = sorted({p.shape[axis - int(axis > expert_axis)] for p in parts})
+                raise PruningError(f"{param}: experts of one stacked tensor must keep the same number of indices "
+                                   f"along axis {axis}, got {widths}")
+            self._store(out, state, names, torch.stack(parts, expert_axis).contiguous(), release)
         for (param, axis), gone in drop.items():
             names = names_of.get(param, [param])
             tensor = out[names[0]]
             keep = np.array(sorted(set(range(tensor.shape[axis])) - gone), dtype=np.int64)
             kept[(param, axis)] = keep
             sliced = tensor.index_select(axis, torch.as_tensor(keep)).contiguous()
-            for name in names:
-                out[name] = sliced
-                if release is not None:
-                    state[name] = sliced
-                    release(name)
+            self._store(out, state, names, sliced, release)
             del tensor
         # a parameter cut along two axes: index_select above used the updated tensor, which is
         # right because each (param, axis) pair is cut exactly once
         return SliceResult(out, kept)
+
+    @staticmethod
+    def _store(out, state, names, sliced, release) -> None:
+        for name in names:
+            out[name] = sliced
+            if release is not None:
+                state[name] = sliced
+                release(name)
+
+
+def _keep_in_expert(tensor: torch.Tensor, axis: int, expert_axis: int, expert: int, gone: set[int]) -> torch.Tensor:
+    part = tensor.select(expert_axis, expert)
+    local = axis - int(axis > expert_axis)
+    keep = [i for i in range(part.shape[local]) if i not in gone]
+    return part.index_select(local, torch.as_tensor(keep, dtype=torch.long))
 
 
 def _alias_table(state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> dict[str, list[str]]:
