@@ -10,7 +10,8 @@ copied onto every layer of the real model (checked: its layer 1 must look the sa
 every real layer), with parameter counts and FLOPs recomputed for the real widths.
 
 Group ids follow the numbering the in-memory trace of the full model gives (groups ordered by
-first use), so reports and the allocator's tie-breaks agree with `graphprune.compress`.
+first use) where that trace repeats one order per layer (Llama, Mistral, Gemma), so reports and
+the allocator's tie-breaks (equal scores) agree with `graphprune.compress` there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..calibrate import find_blocks
 from ..errors import ModelLoadError, PruningError, UserError
 from ..graph.groups import Group, GroupSet, ParamSlice, flop_terms
 from ..graph.ir import PARAM, STATE
-from ..passes.config import EXPERT_KEYS, HEAD_KEYS, _has_native_head_dim, head_dim_of, instantiate
+from ..passes.config import EXPERT_KEYS, HEAD_KEYS, head_dim_of, instantiate
 from .checkpoint import Checkpoint
 
 TRACE_LAYERS = 2
@@ -77,6 +78,7 @@ class Architecture:
                 self.model_class = type(AutoModelForCausalLM.from_config(self.config,
                                                                           trust_remote_code=trust_remote_code))
             self.skeleton = instantiate(self.model_class, self.config)  # meta: shapes only
+            tie(self.skeleton)
         except Exception as error:  # noqa: BLE001 - the family refuses this config
             raise ModelLoadError(f"cannot build {type(self.config).__name__} from {checkpoint.directory}/config.json: "
                                  f"{' '.join(str(error).split())[:300]}") from error
@@ -142,11 +144,10 @@ class Architecture:
         """The config of the small same-architecture instance that is traced (see the module doc)."""
         config = copy.deepcopy(self.config)
         heads = next((getattr(config, k) for k in HEAD_KEYS if getattr(config, k, None)), None)
-        if heads is None or not _has_native_head_dim(config):
-            raise StreamingUnsupported(f"{type(config).__name__} derives the head size from the hidden size, so "
-                                       f"streaming cannot trace a narrow copy of it: prune in memory (without "
-                                       f"--stream)")
-        config.head_dim = head_dim_of(self.config)
+        if heads is None:
+            raise StreamingUnsupported(f"{type(config).__name__} states no attention head count; streaming "
+                                       f"traces decoders with attention heads")
+        config.head_dim = head_dim_of(self.config)  # families that read it keep the real head size
         config.hidden_size = heads * math.ceil(TRACE_HIDDEN_AT_LEAST / heads)
         specials = [getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")]
         specials = [x for v in specials for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, int)]
@@ -168,28 +169,42 @@ class Architecture:
         template = per_layer[0]
         if not template:
             raise StreamingUnsupported("the traced layers have no dependency groups")
-        ids = [int(g.id[1:]) for g in traced]
-        first = int(template[0].id[1:])
         width = len(template)
-        expected_ids = list(range(first, first + TRACE_LAYERS * width))
-        if [int(g.id[1:]) for layer in per_layer for g in layer] != expected_ids or \
-                not all(_same_structure(a, b, self, 1) for a, b in zip(template, per_layer[1])) or \
-                len(per_layer[1]) != width:
+        # Layer 1 must hold the same groups (its order may differ: groups first used by the same op
+        # are ordered by their atoms, not by name).
+        twin: dict[str, Group] = {}
+        unmatched = list(per_layer[1])
+        for g in template:
+            match = next((b for b in unmatched if _same_structure(g, b, self, 1)), None)
+            if match is None:
+                break
+            twin[g.id] = match
+            unmatched.remove(match)
+        if unmatched or len(twin) != width:
             raise StreamingUnsupported("the traced layers do not repeat one pattern of groups; streaming needs "
                                        "identical layers: prune in memory (without --stream)")
+        # Real ids: the traced order up to layer 1 (layer 0 and what its ops use first), layer 1's
+        # order repeated for layers 1..N-1, then the rest (LM head).
+        order = list(traced)
+        split = next(k for k, g in enumerate(order) if g.layer == 1)
+        head, rest = order[:split], order[split:]
+        if any(g.layer == 0 for g in rest):
+            raise StreamingUnsupported("the traced layers interleave; streaming needs one layer after the other")
+        ids: dict[tuple[int | None, str], str] = {}
+        for g in head:
+            ids[(g.layer, g.id)] = f"g{len(ids)}"
+        by_twin = {b.id: a.id for a, b in ((a, twin[a.id]) for a in template)}
+        for i in range(1, self.n_layers):
+            for b in rest:
+                if b.layer == 1:
+                    ids[(i, by_twin[b.id])] = f"g{len(ids)}"
+        for g in rest:
+            if g.layer is None:
+                ids[(None, g.id)] = f"g{len(ids)}"
         small_shapes = {n: tuple(p.shape) for n, p in small.state_dict().items()}
 
-        def real_id(tiny: int) -> str:
-            if tiny < first:
-                return f"g{tiny}"
-            if tiny < first + TRACE_LAYERS * width:
-                raise AssertionError("layer groups are mapped per layer")
-            return f"g{tiny + (self.n_layers - TRACE_LAYERS) * width}"
-
         def layer_id(index: int, tiny_id: str | None) -> str | None:
-            if tiny_id is None:
-                return None
-            return f"g{first + index * width + (int(tiny_id[1:]) - first)}"
+            return None if tiny_id is None else ids[(index, tiny_id)]
 
         layers = []
         for i in range(self.n_layers):
@@ -199,7 +214,10 @@ class Architecture:
                           for s in g.slices]
                 for s, small_slice in zip(slices, g.slices):
                     if s.shape[s.axis] != small_slice.shape[s.axis]:
-                        raise AssertionError(f"{s.param}: pruned axis {s.axis} differs from the traced instance")
+                        raise StreamingUnsupported(
+                            f"{type(self.config).__name__} derives the head size from the hidden size (or another "
+                            f"pruned axis from a width streaming narrows: {s.param} axis {s.axis}), so streaming "
+                            f"cannot trace a narrow copy of it: prune in memory (without --stream)")
                 per_unit = _params_per_unit(g.units, slices)
                 small_per_unit = _params_per_unit(g.units, g.slices)
                 layer.append(replace(
@@ -210,7 +228,7 @@ class Architecture:
                     flops_per_unit=g.flops_per_unit + 2.0 * (per_unit - small_per_unit),
                     parent=layer_id(i, g.parent), children=[layer_id(i, c) for c in g.children]))
             layers.append(layer)
-        outside = [replace(g, id=real_id(int(g.id[1:]))) for g in traced if g.layer is None]
+        outside = [replace(g, id=ids[(None, g.id)]) for g in traced if g.layer is None]
         del small
         return LayerGroups(layers, outside, traced, self._flops_per_token(traced, small_shapes))
 
@@ -235,6 +253,12 @@ class Architecture:
                 else:
                     total += flops / max(traced.tokens, 1)
         return total
+
+
+def tie(model: torch.nn.Module) -> None:
+    """Tie the LM head to the embedding when the config says so (a meta model is built untied)."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.tie_weights()
 
 
 def _params_per_unit(units: int, slices: list[ParamSlice]) -> int:

@@ -40,7 +40,7 @@ from ..errors import ModelLoadError, PruningError, UserError, ValidationError
 from ..graph.groups import BLOCKED, Group
 from ..passes import BiasCompensation, ConfigRewrite, SliceParameters
 from ..passes.config import instantiate
-from .architecture import Architecture, StreamingUnsupported
+from .architecture import Architecture, StreamingUnsupported, tie
 from .checkpoint import Checkpoint
 from .runner import Shell, load_layer, release, run_layer
 from .workdir import WorkDir, save_atomic, write_text_atomic
@@ -152,11 +152,15 @@ def compress_streaming(model_dir: str | Path, out: str | Path, *, criterion: str
     needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
     if allocation == "cfsp":
         needs = needs | {"block_angles"}
-    # Infeasible requests (sparsity above what the groups hold) fail now, not after the first sweep.
+    # Requests that cannot be met (sparsity above what the groups hold, sizes or biases the config
+    # cannot state) fail now, on a dry allocation, not after the statistics sweep.
     total_layer_params = _layer_params(arch.skeleton)
-    alloc_mod.allocate(chosen, {g.id: np.zeros(g.units) for g in chosen}, method=allocation,
-                       sparsity=float(sparsity), total_params=total_layer_params, floor=floor, round_to=round_to,
-                       block_importance={i: 1.0 for i in range(arch.n_layers)})
+    dry = alloc_mod.allocate(chosen, {g.id: np.zeros(g.units) for g in chosen}, method=allocation,
+                             sparsity=float(sparsity), total_params=total_layer_params, floor=floor,
+                             round_to=round_to, block_importance={i: 1.0 for i in range(arch.n_layers)})
+    consumers = {i: {module_of(s.param): None for g in layer for s in consumer_slices(g)}
+                 for i, layer in enumerate(per_layer)}
+    _rewrite_config(arch, chosen, per_layer, dry.removed, consumers, compensate)
     timings["trace"] = time.perf_counter() - t
 
     tokenizer, windows, calib_note = _calibration(checkpoint, arch, calib, needs, nsamples, seqlen, seed, criterion)
@@ -339,6 +343,7 @@ class _Job:
             new_config) -> dict:
         """Write every layer's pruned tensors; returns how much was already written (resume)."""
         self.new_model = instantiate(self.arch.model_class, new_config)  # meta
+        tie(self.new_model)
         new_blocks = self.new_model.get_submodule(self.arch.prefix)
         expected = {k: tuple(v.shape) for k, v in self.new_model.state_dict().items()}
         probe_ids = (torch.arange(PROBE_TOKENS, dtype=torch.long) * 7919 % max(new_config.vocab_size - 1, 1))[None]

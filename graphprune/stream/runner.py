@@ -92,8 +92,10 @@ class Shell:
         tied = set(getattr(model, "all_tied_weights_keys", None) or {})
         self.tensors = read([k for k in wanted if k not in tied])
         materialize(model, names, self.tensors, device)
-        if head and tied and getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
+        if head:
+            from .architecture import tie
+
+            tie(model)
         self.names = names
         self.call_kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
 
@@ -125,9 +127,12 @@ class Shell:
 
     def close(self) -> None:
         """Free the materialized tensors (the modules go back to the meta device)."""
+        from .architecture import tie
+
         modules = dict(self.model.named_modules())
         for name in self.names:
             modules[name].to_empty(device="meta", recurse=False)
+        tie(self.model)
         self.tensors = {}
 
 
