@@ -114,8 +114,8 @@ class Checkpoint:
     # ------------------------------------------------------------------ reading
     def read(self, names: list[str], *, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Owned copies of the named tensors (in `dtype` on `device`, else as stored); the shards are
-        closed before returning, so no page of their memory map stays resident."""
+        """Owned copies of the named tensors (floating ones in `dtype`, if given, on `device`); the
+        shards are closed before returning, so no page of their memory map stays resident."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.tensors]
@@ -129,7 +129,7 @@ class Checkpoint:
             with safe_open(str(shard), framework="pt") as opened:
                 for name in shard_names:
                     mapped = opened.get_tensor(name)  # a view of the memory map
-                    target = dtype or mapped.dtype
+                    target = dtype if dtype is not None and mapped.is_floating_point() else mapped.dtype
                     out[name] = mapped.to(device=device, dtype=target, copy=True)
                     del mapped
         return {n: out[n] for n in names}

@@ -42,7 +42,7 @@ from ..passes import BiasCompensation, ConfigRewrite, SliceParameters
 from ..passes.config import instantiate
 from .architecture import Architecture, StreamingUnsupported, tie
 from .checkpoint import Checkpoint
-from .runner import Shell, load_layer, release, run_layer
+from .runner import Shell, keep_heap_small, load_layer, release, return_freed_memory, run_layer
 from .workdir import WorkDir, save_atomic, write_text_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,6 +172,7 @@ def compress_streaming(model_dir: str | Path, out: str | Path, *, criterion: str
         [checkpoint.fingerprint(), options, _version(), None if windows is None else windows.numpy().tobytes().hex()],
         sort_keys=True).encode()).hexdigest()[:32]
     work = WorkDir(out, fingerprint, options, resume=resume, force=force)
+    keep_heap_small()
     try:
         job = _Job(arch, checkpoint, work, per_layer, scorer, needs, allocation, torch_device, compute_dtype,
                    batch_size, progress)
@@ -266,6 +267,7 @@ class _Job:
             for i in range(start, self.n):
                 _maybe_crash("statistics", i)
                 inputs = self._score_layer(i, inputs, calls)
+                return_freed_memory()
                 bar.update(1)
 
     def _score_layer(self, i: int, inputs, calls):
@@ -369,6 +371,7 @@ class _Job:
                 _maybe_crash("write", i)
                 probe = self._cut_layer(i, removed, stats[i], compensate, new_blocks, expected, probe)
                 self.probe_outputs.append(probe)
+                return_freed_memory()
                 bar.update(1)
         self._check_logits(probe_ids)
         return {"layers": already, "outside": outside is not None}
