@@ -27,13 +27,7 @@ class SliceParameters:
             aliases: dict[str, list[str]] | None = None, release=None) -> SliceResult:
         """`release(name)`, when given, is called once a parameter's original tensor is no longer
         needed, so the caller can free it: peak memory stays near one model instead of two."""
-        drop: dict[tuple[str, int], set[int]] = {}
-        for g in groups:
-            units = removed.get(g.id)
-            if units is None or len(units) == 0:
-                continue
-            for s in g.slices:
-                drop.setdefault((s.param, s.axis), set()).update(s.indices[units].reshape(-1).tolist())
+        drop = removed_indices(groups, removed)
         names_of = _alias_table(state, aliases or {})
         out = dict(state)
         kept: dict[tuple[str, int], np.ndarray] = {}
@@ -52,6 +46,19 @@ class SliceParameters:
         # a parameter cut along two axes: index_select above used the updated tensor, which is
         # right because each (param, axis) pair is cut exactly once
         return SliceResult(out, kept)
+
+
+def removed_indices(groups: list[Group], removed: dict[str, np.ndarray]) -> dict[tuple[str, int], set[int]]:
+    """(parameter, axis) -> the indices the removed units of all groups take out of it (original
+    numbering; a parameter cut by two groups gets the union)."""
+    drop: dict[tuple[str, int], set[int]] = {}
+    for g in groups:
+        units = removed.get(g.id)
+        if units is None or len(units) == 0:
+            continue
+        for s in g.slices:
+            drop.setdefault((s.param, s.axis), set()).update(s.indices[units].reshape(-1).tolist())
+    return drop
 
 
 def _alias_table(state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .architecture import StreamingUnsupported
+from .workdir import PartialRunError
 
 # In memory, compress holds the fp32 model plus calibration and the rewrite's new tensors; above
 # this fraction of the available memory it would swap or be killed, so `--stream` is chosen.
@@ -107,10 +108,10 @@ def compress_stream(args, print_summary) -> int:
             compensate=args.compensate, round_to=args.round_to, device=args.device or "cpu",
             dtype=args.dtype or "fp32", resume=args.resume, force=args.force, progress=not args.quiet,
             trust_remote_code=args.trust_remote_code, name=name)
-    except UserError:
-        raise
-    except BaseException:
-        if partial.exists():  # a crash, Ctrl-C or SIGTERM: what is finished is kept for --resume
+    except BaseException as error:
+        # A crash, Ctrl-C, SIGTERM, a full disk: what is finished is kept for --resume. (Bad inputs
+        # fail before the work directory exists; a partial run in the way says so itself.)
+        if partial.exists() and not isinstance(error, PartialRunError):
             print(f"graphprune: the finished layers are kept in {partial}; rerun the same command with --resume to "
                   f"continue", file=sys.stderr)
         raise

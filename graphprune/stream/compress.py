@@ -118,7 +118,7 @@ def compress_streaming(model_dir: str | Path, out: str | Path, *, criterion: str
     forward runs (statistics are accumulated in float64); the output keeps the stored dtype.
     """
     from ..export import prepare_output
-    from ..pipeline import check_options, heads_expressible, resolve_criteria, select_groups, DEFAULT_TARGET
+    from ..pipeline import check_options, default_target, resolve_criteria, select_groups
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -139,13 +139,7 @@ def compress_streaming(model_dir: str | Path, out: str | Path, *, criterion: str
     t = time.perf_counter()
     layer_groups = arch.groups()
     all_groups = layer_groups.all()
-    target_note = None
-    if target is None:
-        target = DEFAULT_TARGET
-        if not heads_expressible(arch.skeleton, all_groups):
-            target = "channels"
-            target_note = (f"{type(arch.config).__name__} derives head_dim from hidden_size / heads, so removing "
-                           f"heads cannot be written to its config: pruning channels only")
+    target, target_note = default_target(arch.skeleton, all_groups) if target is None else (target, None)
     chosen = select_groups(all_groups, target)
     per_layer = [[g for g in chosen if g.layer == i] for i in range(arch.n_layers)]
     scorer = criteria_mod.get(criterion, **(criterion_options or {}))
@@ -169,7 +163,8 @@ def compress_streaming(model_dir: str | Path, out: str | Path, *, criterion: str
                "floor": floor, "calib": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                "batch_size": batch_size, "device": torch_device.type, "dtype": dtype}
     fingerprint = hashlib.sha256(json.dumps(
-        [checkpoint.fingerprint(), options, _version(), None if windows is None else windows.numpy().tobytes().hex()],
+        [checkpoint.fingerprint(), options, _version(),
+         None if windows is None else hashlib.sha256(windows.numpy().tobytes()).hexdigest()],
         sort_keys=True).encode()).hexdigest()[:32]
     work = WorkDir(out, fingerprint, options, resume=resume, force=force)
     keep_heap_small()
@@ -483,15 +478,10 @@ def _maybe_crash(stage: str, layer: int) -> None:
 def _rewrite_config(arch: Architecture, chosen: list[Group], per_layer, removed, stats, compensate):
     """The pruned config (per-layer overrides as the in-memory rewrite writes them), computed from the
     allocation alone: shapes follow from the removed units, new biases from the compensated layers."""
+    from ..passes.slice import removed_indices
+
     shapes = dict(arch.shapes)
-    drop: dict[tuple[str, int], set[int]] = {}
-    for g in chosen:
-        units = removed.get(g.id)
-        if units is None or len(units) == 0:
-            continue
-        for s in g.slices:
-            drop.setdefault((s.param, s.axis), set()).update(s.indices[units].reshape(-1).tolist())
-    for (param, axis), gone in drop.items():
+    for (param, axis), gone in removed_indices(chosen, removed).items():
         shape = list(shapes[param])
         shape[axis] -= len(gone)
         shapes[param] = tuple(shape)

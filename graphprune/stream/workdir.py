@@ -55,6 +55,10 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k).clone() for k in f.keys()}, dict(f.metadata() or {})
 
 
+class PartialRunError(OutputError):
+    """A partial run is in the way: it needs --resume (same inputs) or --force."""
+
+
 class WorkDir:
     def __init__(self, out: Path, fingerprint: str, options: dict, *, resume: bool, force: bool) -> None:
         self.out = out
@@ -66,7 +70,7 @@ class WorkDir:
             previous = self._read_run()
             if not resume:
                 if not force:
-                    raise OutputError(f"an interrupted streaming run of {out} left {self.root}: pass --resume to "
+                    raise PartialRunError(f"an interrupted streaming run of {out} left {self.root}: pass --resume to "
                                       f"continue it, or --force to discard it and start over")
                 shutil.rmtree(self.root)
             else:
@@ -94,7 +98,7 @@ class WorkDir:
 
     def _check_same_run(self, previous: dict | None, fingerprint: str, options: dict) -> None:
         if previous is None or previous.get("version") != STATE_VERSION:
-            raise OutputError(f"{self.root} is not a resumable graphprune run (no readable run.json of this version): "
+            raise PartialRunError(f"{self.root} is not a resumable graphprune run (no readable run.json of this version): "
                               f"pass --force without --resume to discard it")
         if previous.get("fingerprint") == fingerprint:
             return
@@ -102,7 +106,7 @@ class WorkDir:
         changed = [f"{k} {before.get(k)!r} -> {options.get(k)!r}" for k in sorted(set(before) | set(options))
                    if before.get(k) != options.get(k)]
         what = "; ".join(changed[:3]) if changed else "the model weights, the calibration text or the tokenizer"
-        raise OutputError(f"the partial run in {self.root} was made with other inputs ({what}): rerun with the same "
+        raise PartialRunError(f"the partial run in {self.root} was made with other inputs ({what}): rerun with the same "
                           f"ones, or pass --force without --resume to discard it")
 
     def _lock(self) -> None:
@@ -113,7 +117,7 @@ class WorkDir:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             self._lock_file.close()
-            raise OutputError(f"another graphprune process is working in {self.root}") from error
+            raise PartialRunError(f"another graphprune process is working in {self.root}") from error
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -145,7 +149,7 @@ class WorkDir:
     def load_inputs(self, layer: int, device) -> list[torch.Tensor]:
         path = self.inputs_path(layer)
         if not path.exists():
-            raise OutputError(f"{self.root} lacks the hidden states entering layer {layer}; pass --force without "
+            raise PartialRunError(f"{self.root} lacks the hidden states entering layer {layer}; pass --force without "
                               f"--resume to start over")
         tensors = _load(path)[0]
         return [tensors[f"batch{i}"].to(device) for i in range(len(tensors))]
