@@ -42,7 +42,7 @@ def main() -> None:
         out.update(achieved=result.report["params"]["achieved_sparsity"],
                    uniform=result.report["uniform_layers"], stages=result.report["timings_s"],
                    cached=result.report.get("calibration_cache") == "hit",
-                   layerwise=result.report.get("layerwise"))
+                   layerwise=result.report.get("layerwise"), kept_units=result.report.get("kept_units"))
     out["compress_s"] = time.perf_counter() - started
     out["peak_rss_mb"] = peak_rss_mb()
     text = read_text_file(data_file("wiki.test.txt"))

@@ -391,7 +391,10 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
     comparable: dict[str, np.ndarray] = {}
     if "gram" in scorer.needs:
         try:
-            scores, comparable = scorer.score_blocks(runner, chosen, params, floor=floor)
+            paths_key = cache_key("obs-paths-v1", _fingerprint(model), calib_note,
+                                  {k: v for k, v in scorer.options.items() if k != "scale"}, floor,
+                                  [(g.id, g.units) for g in chosen]) if use_cache else None
+            scores, comparable = scorer.score_blocks(runner, chosen, params, floor=floor, cache_key=paths_key)
         except MissingStatistics as exc:
             raise PruningError(f"criterion '{criterion}' cannot score {exc}") from exc
         if allocation != "global":

@@ -174,8 +174,24 @@ def test_sequential_reselection_keeps_the_allocated_counts(model_and_tokenizer):
     assert {g: len(r) for g, r in plain.removed.items()} == {g: len(r) for g, r in seq.removed.items()}
 
 
+def test_obs_search_is_cached_and_reused_at_another_sparsity(model_and_tokenizer, monkeypatch):
+    """The greedy path runs every group to its floor, so a second run (other sparsity) skips it and
+    removes exactly what a fresh search would."""
+    from graphprune.criteria.obs import StructuredOBS
+
+    model, tok = model_and_tokenizer
+    kw = dict(criterion="obs", tokenizer=tok, nsamples=16, seqlen=32, progress=False)
+    graphprune.compress(model, sparsity=0.2, use_cache=True, **kw)
+    fresh = graphprune.compress(model, sparsity=0.4, use_cache=False, **kw)
+    monkeypatch.setattr(StructuredOBS, "paths", lambda *a, **k: pytest.fail("the OBS search ran again"))
+    cached = graphprune.compress(model, sparsity=0.4, use_cache=True, **kw)
+    assert fresh.removed.keys() == cached.removed.keys()
+    assert all(np.array_equal(fresh.removed[g], cached.removed[g]) for g in fresh.removed)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(criterion="obs", compensate="bias"), "least-squares"),
+    (dict(criterion="obs", criterion_options={"scale": "loss"}), "scale='loss'"),
     (dict(criterion="flap", compensate="none", sequential=True), "--sequential"),
     (dict(criterion="flap", compensate="ols"), "unknown --compensate"),
 ])

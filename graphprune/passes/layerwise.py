@@ -50,6 +50,19 @@ def consumers_by_block(runner: BlockRunner, groups: list[Group]) -> dict[int, li
     return {i: sorted(mods.items(), key=lambda kv: order.get(kv[0], 0)) for i, mods in sorted(found.items())}
 
 
+def dense_block_runs(runner: BlockRunner, groups: list[Group], desc: str):
+    """Run the dense model block by block up to the last block with a consumer of `groups`, with the
+    Gram matrices of that block's consumers; yields (block index, its consumers as in
+    `consumers_by_block`, the BlockRun, the block's inputs)."""
+    plan = consumers_by_block(runner, groups)
+    inputs = runner.inputs
+    for index in range(max(plan, default=-1) + 1):
+        stages = plan.get(index, [])
+        run = runner.run_block(index, inputs, gram_modules=tuple(m for m, _ in stages), desc=f"{desc} {index}")
+        yield index, stages, run, inputs
+        inputs = run.outputs
+
+
 def removed_columns(members: list[tuple[Group, ParamSlice]], removed: dict[str, np.ndarray]) -> np.ndarray:
     cols = [s.indices[np.asarray(removed.get(g.id, []), dtype=np.int64)].reshape(-1) for g, s in members]
     return np.unique(np.concatenate(cols)) if cols else np.zeros(0, dtype=np.int64)
@@ -70,24 +83,20 @@ class LayerwiseCompensation:
     def run(self, runner: BlockRunner, groups: list[Group], removed: dict[str, np.ndarray],
             params: dict[str, torch.Tensor]) -> LayerwiseResult:
         result = LayerwiseResult(removed=dict(removed))
-        plan = consumers_by_block(runner, groups)
-        inputs = runner.inputs
-        last = max(plan, default=-1)  # blocks after the last pruned one need not run
-        for index in range(last + 1):
-            stages = plan.get(index, [])
-            replacements: dict[str, Replacement] = {}
-            if self.sequential:
-                for module, members in stages:
-                    run = runner.run_block(index, inputs, gram_modules=(module,), replacements=replacements,
-                                           keep_outputs=False, desc=f"block {index} {module.rsplit('.', 1)[-1]}")
-                    replacements[module] = self._compensate(module, members, run.grams[module], params, result)
-                inputs = runner.run_block(index, inputs, replacements=replacements).outputs
-            else:
-                run = runner.run_block(index, inputs, gram_modules=tuple(m for m, _ in stages),
-                                       desc=f"block {index}")
+        if not self.sequential:
+            for _, stages, run, _ in dense_block_runs(runner, groups, "block"):
                 for module, members in stages:
                     self._compensate(module, members, run.grams[module], params, result)
-                inputs = run.outputs
+            return result
+        plan = consumers_by_block(runner, groups)
+        inputs = runner.inputs
+        for index in range(max(plan, default=-1) + 1):  # blocks after the last pruned one need not run
+            replacements: dict[str, Replacement] = {}
+            for module, members in plan.get(index, []):
+                run = runner.run_block(index, inputs, gram_modules=(module,), replacements=replacements,
+                                       keep_outputs=False, desc=f"block {index} {module.rsplit('.', 1)[-1]}")
+                replacements[module] = self._compensate(module, members, run.grams[module], params, result)
+            inputs = runner.run_block(index, inputs, replacements=replacements).outputs
         return result
 
     def _compensate(self, module: str, members: list[tuple[Group, ParamSlice]], gram: Gram,
