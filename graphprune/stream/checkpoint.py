@@ -114,25 +114,22 @@ class Checkpoint:
     # ------------------------------------------------------------------ reading
     def read(self, names: list[str], *, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Owned copies of the named tensors (floating ones in `dtype`, if given, on `device`); the
-        shards are closed before returning, so no page of their memory map stays resident."""
+        """Owned copies of the named tensors (floating ones in `dtype`, if given, on `device`). Each
+        tensor is copied out of a map of its shard that is closed right after, so the pages of at
+        most one tensor are mapped at a time."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.tensors]
         if missing:
             raise ModelLoadError(f"{self.directory}: the weights have no tensor {missing[0]}")
-        by_shard: dict[Path, list[str]] = {}
-        for name in names:
-            by_shard.setdefault(self.tensors[name].shard, []).append(name)
         out: dict[str, torch.Tensor] = {}
-        for shard, shard_names in by_shard.items():
-            with safe_open(str(shard), framework="pt") as opened:
-                for name in shard_names:
-                    mapped = opened.get_tensor(name)  # a view of the memory map
-                    target = dtype if dtype is not None and mapped.is_floating_point() else mapped.dtype
-                    out[name] = mapped.to(device=device, dtype=target, copy=True)
-                    del mapped
-        return {n: out[n] for n in names}
+        for name in names:
+            with safe_open(str(self.tensors[name].shard), framework="pt") as opened:
+                mapped = opened.get_tensor(name)  # a view of the memory map
+                target = dtype if dtype is not None and mapped.is_floating_point() else mapped.dtype
+                out[name] = mapped.to(device=device, dtype=target, copy=True)
+                del mapped
+        return out
 
     # ------------------------------------------------------------------ facts
     @property

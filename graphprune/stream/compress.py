@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,13 @@ class _Job:
     def _read(self, names):
         return self.checkpoint.read(names, dtype=self.dtype, device=self.device)
 
+    def _read_stored(self, names):
+        """Tensors as stored, on the device: the final logits check needs no more precision than the
+        weights have (fp16 excepted, whose range a pruned model's logits may exceed)."""
+        stored = self.checkpoint.storage_dtype()
+        return self.checkpoint.read(names, dtype=self.dtype if stored == torch.float16 else stored,
+                                    device=self.device)
+
     def _bar(self, desc: str, initial: int):
         return tqdm(total=self.n, initial=initial, desc=desc, unit="layer", disable=not self.progress)
 
@@ -267,8 +275,6 @@ class _Job:
 
     def _score_layer(self, i: int, inputs, calls):
         names = self.arch.layer_names(i)
-        weights = self.checkpoint.read(names)  # as stored: the criteria score the stored values
-        _check_finite(weights)
         groups = self.per_layer[i]
         modules = sorted({module_of(s.param) for g in groups for s in consumer_slices(g)})
         stats: dict[str, InputStats] = {}
@@ -277,11 +283,17 @@ class _Job:
         if self.forward:
             block_name = f"{self.arch.prefix}.{i}"
             block = self.arch.blocks[i]
-            load_layer(self.arch.skeleton, block, block_name, weights, device=self.device, dtype=self.dtype)
+            running = self.checkpoint.read(names, device=self.device)  # as stored
+            _check_finite(running)
+            load_layer(self.arch.skeleton, block, block_name, running, device=self.device, dtype=self.dtype)
+            del running
             outputs, stats, angle = run_layer(block, block_name, inputs, calls, i, stat_modules=modules,
                                               angles="block_angles" in self.needs, keep_outputs=i < self.n - 1)
             release(block)
-        ctx = ScoringContext(self.arch.skeleton, None, weights, Calibration(inputs=stats))
+        # The criteria read the stored values, one tensor at a time (a criterion converts a whole
+        # weight to float64: with the rest of the layer in memory too, that would be the peak).
+        ctx = ScoringContext(self.arch.skeleton, None, _TensorsOnDemand(self.checkpoint, names),
+                             Calibration(inputs=stats))
         tensors: dict[str, torch.Tensor] = {}
         for g in groups:
             try:
@@ -301,7 +313,7 @@ class _Job:
             tensors[f"in/{module}/count"] = torch.tensor([st.count], dtype=torch.int64)
         if "block_angles" in self.needs:
             tensors["angle"] = torch.tensor([angle], dtype=torch.float64)
-        del weights, ctx
+        del ctx
         # The next layer's inputs are on disk before this layer counts as done, and this layer's
         # inputs are deleted only after: a crash anywhere leaves what the resumed run needs.
         if outputs:
@@ -374,6 +386,7 @@ class _Job:
     def _cut_layer(self, i, removed, stats, compensate, new_blocks, expected, probe):
         names = self.arch.layer_names(i)
         state = self.checkpoint.read(names)
+        _check_finite(state)
         groups = self.per_layer[i]
         if compensate == "bias":
             BiasCompensation().run(state, groups, removed, Calibration(inputs=stats))
@@ -407,10 +420,11 @@ class _Job:
         """The pruned model's own forward (embedding, final norm, LM head; the layers replaced by their
         probe outputs) gives finite logits of the right shape, as the in-memory Validate checks."""
         blocks = self.new_model.get_submodule(self.arch.prefix)
-        shell = Shell(self.new_model, self.arch.prefix, blocks, self._read, device=self.device, dtype=self.dtype,
-                      head=True)
+        shell = Shell(self.new_model, self.arch.prefix, blocks, self._read_stored, device=self.device,
+                      dtype=self.dtype, head=True)
+        dtype = next(iter(shell.tensors.values())).dtype
         try:
-            logits = shell.logits(probe_ids.to(self.device), self.probe_outputs)
+            logits = shell.logits(probe_ids.to(self.device), [p.to(dtype) for p in self.probe_outputs])
         finally:
             shell.close()
         if not torch.isfinite(logits).all():
@@ -445,6 +459,26 @@ class _Job:
         if tokenizer is not None:
             tokenizer.save_pretrained(files)
         write_reports(files, report)
+
+
+class _TensorsOnDemand(Mapping):
+    """Checkpoint tensors by name, read (and checked for NaN/Inf) when asked for, never kept."""
+
+    def __init__(self, checkpoint: Checkpoint, names: list[str]) -> None:
+        self.checkpoint, self.names = checkpoint, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        tensors = self.checkpoint.read([name])
+        _check_finite(tensors)
+        return tensors[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _itemsize(safetensors_dtype: str) -> int:

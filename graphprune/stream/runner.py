@@ -105,7 +105,33 @@ def materialize(model: torch.nn.Module, module_names: list[str], tensors: dict[s
 
 def release(module: torch.nn.Module) -> None:
     """Back to the meta device: the real tensors are freed once nothing else holds them."""
+    for handle in module.__dict__.pop("_graphprune_cast_hooks", []):
+        handle.remove()
     module.to_empty(device="meta", recurse=True)
+
+
+def _cast_while_running(block: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Keep the layer's weights as stored and give each module its weights in `dtype` only while it
+    runs: the same arithmetic as converting the whole layer, with one module converted at a time
+    (a 7B layer is 0.4 GB in bf16, 0.8 GB in fp32)."""
+    handles = []
+    for module in block.modules():
+        own = [n for n, p in module._parameters.items() if p is not None and p.is_floating_point()
+               and p.dtype != dtype]
+        if not own:
+            continue
+
+        def convert(mod, args, names=tuple(own)):
+            mod.__dict__["_graphprune_stored"] = {n: mod._parameters[n] for n in names}
+            for n in names:
+                mod._parameters[n] = torch.nn.Parameter(mod._parameters[n].to(dtype), requires_grad=False)
+
+        def restore(mod, args, output):
+            mod._parameters.update(mod.__dict__.pop("_graphprune_stored", {}))
+
+        handles.append(module.register_forward_pre_hook(convert))
+        handles.append(module.register_forward_hook(restore, always_call=True))
+    block.__dict__["_graphprune_cast_hooks"] = handles
 
 
 class Shell:
@@ -176,14 +202,16 @@ def _owner(key: str) -> str:
 
 def load_layer(model: torch.nn.Module, block: torch.nn.Module, block_name: str, weights: dict[str, torch.Tensor],
                *, device, dtype: torch.dtype) -> None:
-    """Assign layer weights (full names) to `block`, converted to `dtype` on `device`."""
+    """Assign layer weights (full names) to `block` on `device`; it computes in `dtype` (weights in
+    another dtype are converted module by module while it runs, see `_cast_while_running`)."""
     prefix = f"{block_name}."
-    local = {k[len(prefix):]: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-             for k, v in weights.items()}
+    local = {k[len(prefix):]: v.to(device=device) for k, v in weights.items()}
     buffers = [n for n, m in block.named_modules() if any(b in m._non_persistent_buffers_set for b in m._buffers)]
     if buffers:
         materialize(model, [f"{block_name}.{n}" if n else block_name for n in buffers], {}, device)
     block.load_state_dict(local, strict=True, assign=True)
+    if any(v.is_floating_point() and v.dtype != dtype for v in local.values()):
+        _cast_while_running(block, dtype)
 
 
 def run_layer(block: torch.nn.Module, block_name: str, inputs: list[torch.Tensor], calls: list[list[_Call]],
