@@ -232,7 +232,6 @@ class _Job:
         self.scorer, self.needs, self.allocation = scorer, needs, allocation
         self.device, self.dtype, self.batch_size, self.progress = device, dtype, batch_size, progress
         self.forward = bool(needs & STREAMABLE_NEEDS)
-        self.written_bytes = 0
         self.n = arch.n_layers
         self.shard_names = [f"model-{k + 1:05d}-of-{self.n + 1:05d}.safetensors" for k in range(self.n + 1)]
 
