@@ -98,6 +98,10 @@ def _load() -> float:
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) == 1 and argv[0].startswith("{"):  # the checkpoint writer's child (see below)
+        spec = json.loads(argv[0])
+        print(json.dumps(write_checkpoint(Path(spec["dir"]), SHAPES[spec["write"]])), flush=True)
+        return
     parser = argparse.ArgumentParser(prog="python -m bench.stream_scale")
     parser.add_argument("sizes", nargs="*", default=list(SHAPES), help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--dir", default="/tmp/graphprune_stream_bench",
@@ -120,8 +124,12 @@ def main(argv: list[str]) -> None:
         model_dir, out = work / f"llama-{size}", work / f"llama-{size}-pruned"
         for path in (model_dir, out, work / f".{out.name}.partial"):
             shutil.rmtree(path, ignore_errors=True)
+        # In a child of its own: a parent that generated 13 GB of weights would itself be large, and
+        # its peak would show through the children's ru_maxrss.
         t = time.perf_counter()
-        facts = write_checkpoint(model_dir, SHAPES[size])
+        facts = run_child("bench.stream_scale", {"write": size, "dir": str(model_dir)}, timeout=3600)
+        if "error" in facts:
+            sys.exit(f"writing the {size} checkpoint failed: {facts['error']}")
         written_s = time.perf_counter() - t
         spec = {"model_dir": str(model_dir), "out": str(out), "device": args.device, "dtype": args.dtype,
                 "threads": args.threads, "target": args.target, **CALIB}

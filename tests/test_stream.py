@@ -104,6 +104,19 @@ def test_sharded_bf16_checkpoint_keeps_bf16_and_picks_the_in_memory_units(calib,
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_shards_without_an_index_are_found_by_their_headers(calib, tmp_path):
+    indexed = save_model(tmp_path / "indexed", max_shard_size="60KB")
+    bare = save_model(tmp_path / "bare", max_shard_size="60KB")
+    (bare / "model.safetensors.index.json").unlink()
+    options = dict(sparsity=0.3, calib=calib, progress=False, **CALIB)
+    compress_streaming(indexed, tmp_path / "a", **options)
+    compress_streaming(bare, tmp_path / "b", **options)
+    a, b = files_of(tmp_path / "a"), files_of(tmp_path / "b")
+    reports = [json.loads(files.pop("graphprune_report.json")) for files in (a, b)]
+    assert [r.pop("model") for r in reports] == ["indexed", "bare"] and reports[0] == reports[1]
+    assert a == b
+
+
 def test_bf16_calibration_runs_and_records_its_precision(models, calib, tmp_path):
     fp32 = compress_streaming(models["gqa"], tmp_path / "fp32", sparsity=0.3, allocation="uniform", calib=calib,
                               progress=False, **CALIB)
