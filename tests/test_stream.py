@@ -3,7 +3,6 @@ in-memory result, resumes after a crash to the same bytes, and refuses what it c
 line without leaving anything behind."""
 
 import json
-import os
 from argparse import Namespace
 from pathlib import Path
 

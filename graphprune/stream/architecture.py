@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..calibrate import find_blocks
-from ..errors import ModelLoadError, PruningError, UserError
+from ..errors import ModelLoadError, UserError
 from ..graph.groups import Group, GroupSet, ParamSlice, flop_terms
 from ..graph.ir import PARAM, STATE
 from ..passes.config import EXPERT_KEYS, HEAD_KEYS, head_dim_of, instantiate

@@ -10,7 +10,6 @@ across layers would make the process look (and, under memory pressure, be) as la
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +159,3 @@ class Checkpoint:
                     f.seek(offset)
                     h.update(f.read(_SAMPLE_BYTES))
         return h.hexdigest()[:32]
-
-
-def json_bytes(value) -> bytes:
-    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
