@@ -5,11 +5,12 @@
     result = graphprune.compress("smollm2-135m", criterion="flap", sparsity=0.2)
     graphprune.save_pruned(result.model, "out/", report=result.report)
     model = graphprune.load_pruned("out/")                # also per-layer (heterogeneous) outputs
+    graphprune.compress_streaming("hf_dir/", "out2/")     # larger than memory: layer by layer, on disk
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "inspect", "load_model", "load_pruned", "save_pruned", "__version__"]
+__all__ = ["compress", "compress_streaming", "inspect", "load_model", "load_pruned", "save_pruned", "__version__"]
 
 
 def inspect(model, example_inputs=None, *, seq_len: int = 8):
@@ -29,6 +30,10 @@ def __getattr__(name):  # heavy modules (torch, transformers) load on first use
         from . import export
 
         return getattr(export, name)
+    if name == "compress_streaming":
+        from .stream import compress_streaming
+
+        return compress_streaming
     if name == "load_model":
         from .models import load_model
 

@@ -64,6 +64,32 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | Non
     return best
 
 
+def input_stats_hook(stats: dict[str, InputStats], name: str):
+    """A forward pre-hook adding the module's input to `stats[name]` (float64 running sums on the
+    input's device; the streaming pipeline moves them to the CPU after each layer)."""
+
+    def hook(module, args, kwargs=None):
+        x = args[0] if args else next(iter(kwargs.values()))
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        st = stats.get(name)
+        if st is None:
+            dim = x.shape[-1]
+            st = InputStats(0, torch.zeros(dim, dtype=torch.float64, device=x.device),
+                            torch.zeros(dim, dtype=torch.float64, device=x.device))
+            stats[name] = st
+        st.count += x.shape[0]
+        st.sum += x.sum(0)
+        st.sumsq += (x * x).sum(0)
+    return hook
+
+
+def block_angle(x: torch.Tensor, y: torch.Tensor) -> float:
+    """CFSP's block importance term: Σ_t arccos(cos(x_t, y_t)) / π over the tokens of one batch."""
+    cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
+    # cos can exceed 1 by rounding: clamp before arccos (CFSP's NaN trap).
+    return float((torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi).sum())
+
+
 def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: list[str] = (),
             block_angles: bool = False, batch_size: int = 8,
             progress: bool = True, add_kwargs: dict | None = None, extra_hooks=()) -> Calibration:
@@ -73,23 +99,8 @@ def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: lis
     result = Calibration()
     modules = dict(model.named_modules())
     handles = []
-
-    def input_hook(name: str):
-        def hook(module, args, kwargs=None):
-            x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-            st = result.inputs.get(name)
-            if st is None:
-                dim = x.shape[-1]
-                st = InputStats(0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
-                result.inputs[name] = st
-            st.count += x.shape[0]
-            st.sum += x.sum(0)
-            st.sumsq += (x * x).sum(0)
-        return hook
-
     for name in dict.fromkeys(input_modules):
-        handles.append(modules[name].register_forward_pre_hook(input_hook(name)))
+        handles.append(modules[name].register_forward_pre_hook(input_stats_hook(result.inputs, name)))
     handles += [install(result) for install in extra_hooks]
 
     if block_angles:
@@ -99,10 +110,7 @@ def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: lis
                 def angle_hook(module, args, kwargs, output, index=index):
                     x = args[0] if args else kwargs.get("hidden_states")
                     y = output[0] if isinstance(output, (tuple, list)) else output
-                    cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
-                    # cos can exceed 1 by rounding: clamp before arccos (CFSP's NaN trap).
-                    angle = torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi
-                    result.block_angle[index] = result.block_angle.get(index, 0.0) + float(angle.sum())
+                    result.block_angle[index] = result.block_angle.get(index, 0.0) + block_angle(x, y)
                 handles.append(block.register_forward_hook(angle_hook, with_kwargs=True))
     # Statistics live in the layers: run the base model and skip the LM head (a 49k-wide matmul
     # per token for SmolLM2, a fifth of the forward cost).

@@ -107,6 +107,10 @@ def cmd_compress(args) -> int:
     for source in (*calibs, args.calib_general):
         if source and Path(source).suffix.lower() in PAIR_FILE_SUFFIXES:
             read_pairs(source)  # a malformed pair file fails in a second, before the model loads
+    from .stream.cli import compress_stream, wants_stream
+
+    if wants_stream(args):
+        return compress_stream(args, _print_compress_summary)
     loaded = _load(args.model, args)
     if loaded.kind == "onnx":
         return _compress_onnx(args, loaded)
@@ -130,7 +134,13 @@ def cmd_compress(args) -> int:
             exported.append(write_onnx(result.model, tmp, tokenizer=loaded.tokenizer))
     save_pruned(result.model, out, tokenizer=loaded.tokenizer, report=result.report, source_dir=source_dir,
                 force=args.force, also=also)
-    r = result.report
+    _print_compress_summary(result.report, out, args)
+    for e in exported:
+        _print_export(e)
+    return 0
+
+
+def _print_compress_summary(r: dict, out: Path, args) -> None:
     p = r["params"]
     print(f"{r['model']}: {r['criterion']} / {r['allocation']} removed {p['layers_before'] - p['layers_after']:,} of "
           f"{p['layers_before']:,} layer parameters (sparsity {p['achieved_sparsity']:.4f}, asked {r['requested_sparsity']}); "
@@ -157,9 +167,6 @@ def cmd_compress(args) -> int:
         print(f"note: {len(r['blocked_groups'])} group(s) were left unpruned because an op has no dimension rule, "
               f"e.g. {first['scope']} ({first['kind']}): {first['reason']}")
     print(f"wrote {out} ({layout}) in {r['timings_s']['total']:.1f}s")
-    for e in exported:
-        _print_export(e)
-    return 0
 
 
 def _print_export(e) -> None:
@@ -364,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--export", choices=["onnx"], default=None,
                    help="also write model.onnx into --out (parity-checked in onnxruntime)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune a safetensors folder one layer at a time, never loading the whole model; default: "
+                        "on when the model would not fit in the available memory in fp32")
+    p.add_argument("--resume", action="store_true",
+                   help="--stream: continue an interrupted run from its last finished layer")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None,
+                   help="--stream: where each layer runs during calibration (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="--stream: precision of the calibration forward (default fp32; statistics are "
+                        "accumulated in float64, the output keeps the stored dtype)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="export a (pruned) model to ONNX, checked in onnxruntime")

@@ -96,6 +96,14 @@ def heads_expressible(model: torch.nn.Module, groups: GroupSet) -> bool:
     return size.shape[probe.axis] == expected
 
 
+def default_target(model: torch.nn.Module, groups) -> tuple[str, str | None]:
+    """(target, note): channels and heads where the config can state fewer heads, else channels."""
+    if heads_expressible(model, groups):
+        return DEFAULT_TARGET, None
+    return "channels", (f"{type(model.config).__name__} derives head_dim from hidden_size / heads, so removing "
+                        f"heads cannot be written to its config: pruning channels only")
+
+
 def select_groups(groups: GroupSet, target: str, inside_experts: bool = True) -> list[Group]:
     """The prunable groups of the target's kinds. Channels inside routed experts (one group per
     expert of stacked weights, `graphprune.moe.channels`) are "channels" unless `inside_experts`
@@ -290,13 +298,7 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
         groups = analyze(model)
     scorer = criteria_mod.get(criterion, **(criterion_options or {}))
     scorer.check_model(model)
-    target_note = None
-    if target is None:
-        target = DEFAULT_TARGET
-        if not heads_expressible(model, groups):
-            target = "channels"
-            target_note = (f"{type(model.config).__name__} derives head_dim from hidden_size / heads, so removing "
-                           f"heads cannot be written to its config: pruning channels only")
+    target, target_note = default_target(model, groups) if target is None else (target, None)
     chosen = select_groups(groups, target)
     timings["trace"] = time.perf_counter() - t
 

@@ -19,7 +19,7 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "con
 # Report entries that measure the run (wall time, memory, cache hits) rather than describe its result.
 # They go to graphprune_run.json so that graphprune_report.json, like the weights, is byte-identical
 # for the same inputs and seed.
-RUN_REPORT_KEYS = ("timings_s", "peak_rss_mb", "calibration_cache", "gradient_cache")
+RUN_REPORT_KEYS = ("timings_s", "peak_rss_mb", "calibration_cache", "gradient_cache", "stream_run")
 REPORT_FILE, RUN_FILE = "graphprune_report.json", "graphprune_run.json"
 
 
@@ -85,11 +85,17 @@ def _write_files(model: torch.nn.Module, tmp: Path, *, tokenizer: Any, report: d
         if pooling.is_dir():
             shutil.copytree(pooling, tmp / "1_Pooling")
     if report is not None:
-        result = {k: v for k, v in report.items() if k not in RUN_REPORT_KEYS}
-        run = {k: report[k] for k in RUN_REPORT_KEYS if k in report}
-        (tmp / REPORT_FILE).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-        if run:
-            (tmp / RUN_FILE).write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
+        write_reports(tmp, report)
+
+
+def write_reports(directory: Path, report: dict) -> None:
+    """graphprune_report.json (what the result is: byte-identical for the same inputs and seed) and
+    graphprune_run.json (what this run measured: RUN_REPORT_KEYS)."""
+    result = {k: v for k, v in report.items() if k not in RUN_REPORT_KEYS}
+    run = {k: report[k] for k in RUN_REPORT_KEYS if k in report}
+    (directory / REPORT_FILE).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    if run:
+        (directory / RUN_FILE).write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager

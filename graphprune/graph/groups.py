@@ -263,6 +263,13 @@ def _layer_of(scope: str) -> int | None:
 
 def _flop_ops(graph: Graph, prop: Propagation):
     """(total FLOPs, iteration-axis layouts) for every op that does multiply-adds."""
+    for _, total, axes in flop_terms(graph, prop):
+        yield total, axes
+
+
+def flop_terms(graph: Graph, prop: Propagation):
+    """(op, total FLOPs over the traced tokens, iteration-axis layouts) for every op that does
+    multiply-adds."""
     def shape(t):
         return graph.tensors[t].shape
 
@@ -270,21 +277,21 @@ def _flop_ops(graph: Graph, prop: Propagation):
         if op.op == "linear":
             x, w = op.inputs[0], op.inputs[1]
             y = op.outputs[0]
-            yield 2 * int(np.prod(shape(y))) * shape(x)[-1], prop.L(y) + [prop.L(x)[-1]]
+            yield op, 2 * int(np.prod(shape(y))) * shape(x)[-1], prop.L(y) + [prop.L(x)[-1]]
         elif op.op in ("matmul", "addmm"):
             a, b = (op.inputs[0], op.inputs[1]) if op.op == "matmul" else (op.inputs[1], op.inputs[2])
             y = op.outputs[0]
-            yield 2 * int(np.prod(shape(y))) * shape(a)[-1], prop.L(y) + [prop.L(a)[-1]]
+            yield op, 2 * int(np.prod(shape(y))) * shape(a)[-1], prop.L(y) + [prop.L(a)[-1]]
         elif op.op == "conv":
             x, w = op.inputs[0], op.inputs[1]
             y = op.outputs[0]
-            yield 2 * int(np.prod(shape(y))) * int(np.prod(shape(w)[1:])), prop.L(y) + [prop.L(x)[1]]
+            yield op, 2 * int(np.prod(shape(y))) * int(np.prod(shape(w)[1:])), prop.L(y) + [prop.L(x)[1]]
         elif op.op == "sdpa":
             q, k, v = op.inputs[:3]
             y = op.outputs[0]
             s = shape(k)[-2]
             flops = 2 * int(np.prod(shape(q))) * s + 2 * int(np.prod(shape(y))) * s
-            yield flops, prop.L(q) + [prop.L(k)[-2], prop.L(v)[-1]]
+            yield op, flops, prop.L(q) + [prop.L(k)[-2], prop.L(v)[-1]]
 
 
 def build_groups(graph: Graph, prop: Propagation | None = None) -> GroupSet:

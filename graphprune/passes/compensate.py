@@ -40,8 +40,9 @@ class BiasCompensation:
                 if stats is None:
                     continue
                 cols = torch.as_tensor(s.indices[units].reshape(-1))
-                w = state[s.param].to(torch.float64).movedim(s.axis, -1)  # [out, in], also for Conv1D [in, out]
-                delta = w[:, cols] @ stats.mean[cols]
+                # [out, in], also for Conv1D [in, out]; only the removed columns are converted
+                w = state[s.param].movedim(s.axis, -1)[:, cols].to(torch.float64)
+                delta = w @ stats.mean[cols]
                 if module in result.bias_delta:
                     result.bias_delta[module] += delta
                 else:

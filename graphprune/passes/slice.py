@@ -29,19 +29,7 @@ class SliceParameters:
             aliases: dict[str, list[str]] | None = None, release=None) -> SliceResult:
         """`release(name)`, when given, is called once a parameter's original tensor is no longer
         needed, so the caller can free it: peak memory stays near one model instead of two."""
-        drop: dict[tuple[str, int], set[int]] = {}
-        # (param, axis, expert axis) -> expert -> indices removed inside that expert only
-        per_expert: dict[tuple[str, int, int], dict[int, set[int]]] = {}
-        for g in groups:
-            units = removed.get(g.id)
-            if units is None or len(units) == 0:
-                continue
-            for s in g.slices:
-                gone = s.indices[units].reshape(-1).tolist()
-                if s.expert is None:
-                    drop.setdefault((s.param, s.axis), set()).update(gone)
-                else:
-                    per_expert.setdefault((s.param, s.axis, s.expert_axis), {}).setdefault(s.expert, set()).update(gone)
+        drop, per_expert = removed_indices(groups, removed)
         names_of = _alias_table(state, aliases or {})
         out = dict(state)
         kept: dict[tuple[str, int], np.ndarray] = {}
@@ -83,6 +71,26 @@ def _keep_in_expert(tensor: torch.Tensor, axis: int, expert_axis: int, expert: i
     local = axis - int(axis > expert_axis)
     keep = [i for i in range(part.shape[local]) if i not in gone]
     return part.index_select(local, torch.as_tensor(keep, dtype=torch.long))
+
+
+def removed_indices(groups: list[Group], removed: dict[str, np.ndarray]):
+    """The indices the removed units of all groups take out, in the original numbering:
+    (parameter, axis) -> indices for whole-tensor cuts (a parameter cut by two groups gets the
+    union), and (parameter, axis, expert axis) -> expert -> indices for cuts inside one expert of
+    stacked weights."""
+    drop: dict[tuple[str, int], set[int]] = {}
+    per_expert: dict[tuple[str, int, int], dict[int, set[int]]] = {}
+    for g in groups:
+        units = removed.get(g.id)
+        if units is None or len(units) == 0:
+            continue
+        for s in g.slices:
+            gone = s.indices[units].reshape(-1).tolist()
+            if s.expert is None:
+                drop.setdefault((s.param, s.axis), set()).update(gone)
+            else:
+                per_expert.setdefault((s.param, s.axis, s.expert_axis), {}).setdefault(s.expert, set()).update(gone)
+    return drop, per_expert
 
 
 def _alias_table(state: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> dict[str, list[str]]:
