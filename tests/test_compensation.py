@@ -153,7 +153,7 @@ def test_compress_with_lsq_writes_the_refit_weights_of_each_consumer(model_and_t
 @pytest.mark.parametrize("options", [dict(criterion="flap", compensate="lsq", sequential=True),
                                      dict(criterion="obs"), dict(criterion="obs", sequential=True),
                                      dict(criterion="obs", allocation="uniform"),
-                                     dict(criterion="obs", criterion_options={"scale": "fisher"}),
+                                     dict(criterion="obs", criterion_options={"scale": "residual"}),
                                      dict(criterion="flap", compensate="bias", sequential=True)])
 def test_layerwise_modes_prune_to_a_valid_model_with_lower_layer_error(model_and_tokenizer, options):
     model, tok = model_and_tokenizer
@@ -250,6 +250,19 @@ def test_output_fisher_is_the_mean_squared_token_loss_gradient_of_each_output(mo
     for n in names:
         assert torch.allclose(fisher[n], expected[n] / batches.numel(), rtol=1e-4, atol=1e-12)
     assert all(p.requires_grad for p in model.parameters()), "parameters' requires_grad must be restored"
+
+
+def test_obs_ranks_by_loss_fisher_by_default_and_by_residual_energy_without_an_lm_loss(model_and_tokenizer):
+    from graphprune.testing.zoo import build_tiny
+
+    model, tok = model_and_tokenizer
+    assert _compress(model, tok, criterion="obs").report["criterion_diagnostics"]["scale"] == "fisher"
+    encoder, _ = build_tiny("bert")
+    encoder_tok = byte_level_tokenizer()
+    encoder_tok.pad_token = "</s>"
+    result = graphprune.compress(encoder, criterion="obs", sparsity=0.3, tokenizer=encoder_tok, progress=False,
+                                 use_cache=False)
+    assert result.report["criterion_diagnostics"]["scale"] == "residual"
 
 
 def test_obs_fisher_weighting_needs_a_language_model_loss():

@@ -12,9 +12,11 @@ from . import register
 from .base import Criterion, MissingStatistics, module_of
 
 SCALES = ("fisher", "residual", "output", "none")
-# The measured default (README: 29.7 PPL at 20%, with --allocation uniform 103.6 at 50% on SmolLM2).
-# "fisher" is opt-in until its benchmark rows are in.
-DEFAULT_SCALE = "residual"
+# Measured on SmolLM2-135M (README): the loss-Fisher weighting is the best global ranking at 20%
+# (28.8 PPL; residual 29.7) and at 50% (114; residual 388), so it is the default wherever the model
+# computes an LM loss; models without one (encoders) fall back to the residual energy.
+DEFAULT_SCALE = "fisher"
+FALLBACK_SCALE = "residual"
 _ENERGIES = ("residual", "output")  # what the unweighted scales divide by, kept per group
 
 
@@ -100,7 +102,7 @@ class StructuredOBS(Criterion):
     the bias costs
         ε(C) = Σ_o f_o · (W[:, C] · (H⁻¹[C, C])⁻¹ · W[:, C]ᵀ)_oo
     where f_o = E[(∂ℓ/∂y_o)²] is the diagonal Fisher of the token loss with respect to output o
-    (``scale="fisher"``, for causal LMs), so ε is the second-order estimate of the loss
+    (``scale="fisher"``, the default for causal LMs), so ε is the second-order estimate of the loss
     increase: one unit for every layer. The least-squares update is the same for every row
     weighting (rows are fitted independently), so weighting only changes which units go and how
     they compare. Units are removed greedily by smallest ε, H⁻¹ and W updated after each removal
@@ -110,10 +112,11 @@ class StructuredOBS(Criterion):
     global allocation a unit's comparable score is the error its removal added per parameter it
     frees, made non-decreasing along the greedy order so a group's units are always taken in that
     order. Unweighted errors are divided by an energy instead: ``"residual"`` (the default) the
-    mean squared norm of the hidden state entering the block, ``"output"`` the layer's own output
-    energy (relative error), ``"none"`` absolute. Measured on SmolLM2-135M (README), every
-    layer-local scale mis-allocates at 50% (a layer whose output or residual stream is dominated
-    by a few massive channels looks cheap to empty); the uniform allocation does far better there.
+    mean squared norm of the hidden state entering the block (the default where the model has no LM
+    loss), ``"output"`` the layer's own output energy (relative error), ``"none"`` absolute.
+    Measured on SmolLM2-135M (README), every layer-local scale mis-allocates at 50% (a layer whose
+    output or residual stream is dominated by a few massive channels looks cheap to empty); the
+    loss Fisher does not, because it weighs each layer's error by what it costs at the output.
     Options: ``damp`` (fraction of mean diag H added, 0.01), ``steps`` (greedy snapshots per group,
     64), ``scale``.
 
@@ -124,7 +127,7 @@ class StructuredOBS(Criterion):
 
     name = "obs"
     needs = frozenset({"gram"})
-    option_help = {"scale": "residual (default), fisher (needs an LM loss), output or none",
+    option_help = {"scale": "fisher (default; needs an LM loss), residual (default without one), output or none",
                    "damp": "fraction of mean diag H added before inverting (0.01)",
                    "steps": "greedy error snapshots per group (64)"}
 
@@ -134,12 +137,15 @@ class StructuredOBS(Criterion):
         if scale is not None and str(scale) not in SCALES:  # checked here, before any calibration runs
             raise UserError(f"obs option scale={scale!r}: choose one of {', '.join(SCALES)}")
         self.row_weights: dict[str, torch.Tensor] = {}
+        self.scale_used: str | None = None
 
     def scale_for(self, model: torch.nn.Module) -> str:
         import inspect
 
         has_loss = "labels" in inspect.signature(model.forward).parameters and hasattr(model, "get_input_embeddings")
-        scale = str(self.options.get("scale", DEFAULT_SCALE))
+        if "scale" not in self.options:
+            return DEFAULT_SCALE if has_loss else FALLBACK_SCALE
+        scale = str(self.options["scale"])
         if scale == "fisher" and not has_loss:
             raise UserError(f"obs option scale=fisher needs a language-model loss, which {type(model).__name__} "
                             f"does not compute: use scale=output")
@@ -156,10 +162,14 @@ class StructuredOBS(Criterion):
     def score(self, group, ctx):
         raise MissingStatistics(group)  # scored block by block in `score_blocks`
 
+    def diagnostics(self, groups, ctx):
+        # the report says which weighting ranked the layers (the default depends on the model)
+        return {"scale": self.scale_used} if self.scale_used else None
+
     def score_blocks(self, runner, groups, params, *, floor: int = 1, cache_key: str | None = None):
         """Scores from the greedy OBS paths (computed block by block, or read from the cache);
         returns (scores, comparable)."""
-        scale_kind = self.scale_for(runner.model)
+        scale_kind = self.scale_used = self.scale_for(runner.model)
         cached = load_paths(cache_key, groups) if cache_key else None
         if cached is None:
             paths = self.paths(runner, groups, params, floor=floor, weighted=scale_kind == "fisher")

@@ -52,8 +52,8 @@ def _too_big_for_memory(spec: str) -> str | None:
         from .checkpoint import Checkpoint
 
         checkpoint = Checkpoint(path)
-    except UserError:
-        return None  # the in-memory loader reports what is wrong with it
+    except (UserError, OSError):
+        return None  # the in-memory loader reports what is wrong with it (unreadable, malformed)
     fp32 = 4 * checkpoint.numel()
     available = available_memory_bytes()
     if available is None or fp32 <= AUTO_STREAM_FRACTION * available:
