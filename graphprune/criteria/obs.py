@@ -111,9 +111,9 @@ class StructuredOBS(Criterion):
     Score of a unit = its position in the greedy removal order (removed first = lowest). For the
     global allocation a unit's comparable score is the error its removal added per parameter it
     frees, made non-decreasing along the greedy order so a group's units are always taken in that
-    order. Unweighted errors are divided by an energy instead: ``"residual"`` (the default) the
-    mean squared norm of the hidden state entering the block (the default where the model has no LM
-    loss), ``"output"`` the layer's own output energy (relative error), ``"none"`` absolute.
+    order. Unweighted errors are divided by an energy instead: ``"residual"`` the mean squared
+    norm of the hidden state entering the block (the default where the model has no LM loss),
+    ``"output"`` the layer's own output energy (relative error), ``"none"`` absolute.
     Measured on SmolLM2-135M (README), every layer-local scale mis-allocates at 50% (a layer whose
     output or residual stream is dominated by a few massive channels looks cheap to empty); the
     loss Fisher does not, because it weighs each layer's error by what it costs at the output.
@@ -154,9 +154,17 @@ class StructuredOBS(Criterion):
     def check_model(self, model):
         self.scale_for(model)
 
+    @property
+    def damp(self) -> float:
+        return float(self.options.get("damp", lsq.DEFAULT_DAMP))
+
+    @property
+    def steps(self) -> int:
+        return int(self.options.get("steps", 64))
+
     def path_options(self, model: torch.nn.Module) -> dict:
         """What the cached paths depend on besides model, calibration and groups."""
-        return {"damp": float(self.options.get("damp", lsq.DEFAULT_DAMP)), "steps": int(self.options.get("steps", 64)),
+        return {"damp": self.damp, "steps": self.steps,
                 "weighted": self.scale_for(model) == "fisher"}
 
     def score(self, group, ctx):
@@ -204,8 +212,7 @@ class StructuredOBS(Criterion):
         serves every sparsity (and is cached)."""
         from ..passes.layerwise import consumers_by_block, dense_block_runs
 
-        damp = float(self.options.get("damp", lsq.DEFAULT_DAMP))
-        steps = int(self.options.get("steps", 64))
+        damp, steps = self.damp, self.steps
         if weighted:
             modules = sorted({m for stages in consumers_by_block(runner, groups).values() for m, _ in stages})
             self.row_weights = output_fisher(runner.model, runner.batches, modules, progress=runner.progress)
@@ -235,6 +242,6 @@ class StructuredOBS(Criterion):
 
     def reselect(self, group, consumer, weight_aug, gram, count, dead_columns):
         path = lsq.obs_greedy(self._weighted(module_of(consumer.param), weight_aug), gram.matrix, consumer.indices,
-                              count, damp=float(self.options.get("damp", lsq.DEFAULT_DAMP)),
-                              steps=int(self.options.get("steps", 64)), dead_columns=dead_columns)
+                              count, damp=self.damp,
+                              steps=self.steps, dead_columns=dead_columns)
         return np.asarray(path.order, dtype=np.int64)
