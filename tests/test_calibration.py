@@ -223,3 +223,63 @@ def test_needs_bos_only_for_gemma():
     assert needs_bos(model_of_type("gemma"))
     assert not needs_bos(model_of_type("llama"))
     assert not needs_bos(types.SimpleNamespace())
+
+
+# --- tokenizing long texts ----------------------------------------------------------------------
+
+
+def _trained_tokenizer(pre_tokenizer, text: str):
+    """A small BPE with merges, trained on `text` (cuts inside a merged word would show)."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizer
+    raw.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
+                                                        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=raw)
+
+
+def _long_text() -> str:
+    rng = random.Random(0)
+    words = ["pruning", "the", "graph", "of", "channels", "heads", "1984", "(see", "below).", "=== A ===", "x"]
+    paragraphs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(2500)]
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def _encoded_lengths(monkeypatch) -> list[int]:
+    import graphprune.data.calibration as calibration
+
+    lengths: list[int] = []
+    encode = calibration._encode
+    def recording(tok, texts):
+        lengths.extend(len(t) for t in ([texts] if isinstance(texts, str) else texts))
+        return encode(tok, texts)
+
+    monkeypatch.setattr(calibration, "_encode", recording)
+    return lengths
+
+
+def test_a_long_text_is_tokenized_in_pieces_with_the_ids_of_the_whole_text(monkeypatch):
+    from tokenizers import pre_tokenizers
+
+    text = _long_text()
+    assert len(text) > 3 * 65536
+    tokenizer = _trained_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=False), text)
+    whole = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    lengths = _encoded_lengths(monkeypatch)
+    assert tokenize_text(tokenizer, text).tolist() == whole
+    assert max(lengths) < 70_000  # never the whole text at once: its bookkeeping is what we avoid
+
+
+def test_a_tokenizer_that_sees_the_cuts_gets_the_whole_text_at_once(monkeypatch):
+    from tokenizers import normalizers, pre_tokenizers
+
+    text = _long_text()
+    # A tokenizer that strips each input drops the space a piece starts with.
+    tokenizer = _trained_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=False), text)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Strip()
+    whole = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    lengths = _encoded_lengths(monkeypatch)
+    assert tokenize_text(tokenizer, text).tolist() == whole
+    assert max(lengths) == len(text)
