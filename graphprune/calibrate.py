@@ -70,7 +70,8 @@ def input_stats_hook(stats: dict[str, InputStats], name: str):
 
     def hook(module, args, kwargs=None):
         x = args[0] if args else next(iter(kwargs.values()))
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        # A float64 copy (never the input itself: the module still reads it), squared in place.
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64, copy=True)
         st = stats.get(name)
         if st is None:
             dim = x.shape[-1]
@@ -79,7 +80,7 @@ def input_stats_hook(stats: dict[str, InputStats], name: str):
             stats[name] = st
         st.count += x.shape[0]
         st.sum += x.sum(0)
-        st.sumsq += (x * x).sum(0)
+        st.sumsq += x.square_().sum(0)
     return hook
 
 
