@@ -252,6 +252,7 @@ def _encoded_lengths(monkeypatch) -> list[int]:
 
     lengths: list[int] = []
     encode = calibration._encode
+
     def recording(tok, texts):
         lengths.extend(len(t) for t in ([texts] if isinstance(texts, str) else texts))
         return encode(tok, texts)

@@ -242,6 +242,5 @@ class StructuredOBS(Criterion):
 
     def reselect(self, group, consumer, weight_aug, gram, count, dead_columns):
         path = lsq.obs_greedy(self._weighted(module_of(consumer.param), weight_aug), gram.matrix, consumer.indices,
-                              count, damp=self.damp,
-                              steps=self.steps, dead_columns=dead_columns)
+                              count, damp=self.damp, steps=self.steps, dead_columns=dead_columns)
         return np.asarray(path.order, dtype=np.int64)
