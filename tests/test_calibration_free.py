@@ -50,6 +50,42 @@ def test_bos_starts_each_window_when_the_model_needs_it(model_and_tokenizer):
     assert (gen.batches[:, 0] == tok.bos_token_id).all()
 
 
+def test_generation_starts_after_the_end_of_document_token_and_leaves_it_out_of_the_window(model_and_tokenizer,
+                                                                                         monkeypatch):
+    model, tok = model_and_tokenizer  # the byte tokenizer's "</s>" (id 1) separates documents
+    prompts = []
+    generate = model.generate
+
+    def recording_generate(*, input_ids, **kwargs):
+        prompts.append(input_ids.clone())
+        return generate(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    gen = generate_calibration(model, tok, nsamples=3, seqlen=12, seed=0, batch_size=3, progress=False)
+    assert prompts and all(p.tolist() == [[1]] * 3 for p in prompts)
+    assert gen.batches.shape == (3, 12)
+    assert "end-of-document '</s>'" in gen.settings["start"] and not gen.settings["bos"]
+
+
+def test_without_an_end_of_document_token_generation_starts_from_sentence_openers(model_and_tokenizer):
+    from graphprune.data.selfgen import OPENERS, generation_start
+
+    _, tok = model_and_tokenizer
+
+    class NoSeparatorTokenizer:
+        bos_token_id, bos_token = None, None
+
+        def get_vocab(self):
+            return {k: v for k, v in tok.get_vocab().items() if k not in ("<s>", "</s>")}
+
+        def __call__(self, text, **kwargs):
+            return tok(text, **kwargs)
+
+    start = generation_start(NoSeparatorTokenizer(), add_bos=False)
+    assert start.context == () and start.kept == 0
+    assert len(start.openers) == len(OPENERS) and start.description == "a random sentence opener"
+
+
 def test_same_seed_gives_the_same_kept_units_with_data_driven_criteria(model_and_tokenizer):
     model, tok = model_and_tokenizer
     runs = [graphprune.compress(model, criterion="flap", sparsity=0.3, calib="none", tokenizer=tok, nsamples=8,
