@@ -7,9 +7,11 @@ of dense vs 50% pruned at batch 1 x 512 and 8 x 128 tokens, measured speed-up ne
     python -m bench.onnx_speed --threads 2 --runs 10
 
 Pruned models go through save_pruned -> load_pruned (per-layer configs for global allocation)
-before export, as a user would. Parity is reported twice: the export's own check (random tokens,
-two shapes, one right-padded row) and on wiki.test text (2 x 128 tokens), next to PyTorch's own
-fp32 error (fp32 vs fp64 logits on the same text) for scale. Writes bench/results/onnx_speed.json.
+before export, as a user would. Parity (onnxruntime fp32 against PyTorch fp64) is reported three
+times: the export's own check (bundled text, two shapes, one right-padded row), wiki.test text and
+random tokens (2 x 128 each), each next to PyTorch's own fp32 error (fp32 vs fp64 logits on the
+same inputs) for scale. `--parity-only` skips the latency part. Writes
+bench/results/onnx_speed.json (or onnx_parity.json with --parity-only).
 """
 
 from __future__ import annotations
@@ -30,18 +32,20 @@ VARIANTS = [("dense", None, None), ("uniform-20", "uniform", 0.2), ("global-20",
 SHAPES = [(1, 512), (8, 128)]
 
 
-def text_parity(model, onnx_path: Path, ids: torch.Tensor) -> tuple[float, float]:
-    """(max |onnx - torch fp32|, max |torch fp32 - torch fp64|) of the logits on `ids`."""
-    import copy
-
+def parity_on(model, onnx_path: Path, ids: torch.Tensor) -> dict[str, float]:
+    """Max abs logit differences on `ids`: onnxruntime vs PyTorch fp64 and vs PyTorch fp32, and
+    PyTorch fp32 vs fp64 (the rounding the fp32 model has anyway)."""
+    from graphprune.export.onnx import _float64
     from graphprune.onnx_io import session, token_feeds
 
     sess = session(onnx_path)
-    got = sess.run(["logits"], token_feeds(sess, ids.numpy()))[0]
+    got = sess.run(["logits"], token_feeds(sess, ids.numpy()))[0].astype(np.float64)
     with torch.no_grad():
-        ref = model(input_ids=ids).logits.numpy()
-        ref64 = copy.deepcopy(model).double()(input_ids=ids).logits.numpy()
-    return float(np.abs(got - ref).max()), float(np.abs(ref - ref64).max())
+        ref32 = model(input_ids=ids).logits.numpy().astype(np.float64)
+        with _float64(model):
+            ref64 = model(input_ids=ids).logits.numpy()
+    return {"vs_fp64": float(np.abs(got - ref64).max()), "vs_fp32": float(np.abs(got - ref32).max()),
+            "torch_fp32": float(np.abs(ref32 - ref64).max())}
 
 
 def main() -> None:
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--parity-only", action="store_true", help="skip the latency measurements")
     parser.add_argument("--work", default=None, help="keep the exported models here (default: a temp dir)")
     args = parser.parse_args()
     train, test = data_file("wiki.train.txt"), data_file("wiki.test.txt")
@@ -77,17 +82,33 @@ def main() -> None:
         exported = export_onnx(model, work / name, tokenizer=tokenizer, force=True)
         paths[name] = exported.path
         ids = torch.tensor(tokenizer(read_text_file(test)[:20000])["input_ids"][:256]).reshape(2, 128)
-        on_text, fp32_noise = text_parity(model, exported.path, ids)
+        on_text = parity_on(model, exported.path, ids)
+        random_ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+        on_random = parity_on(model, exported.path, random_ids)
         parity_rows.append({
             "model": name, "sparsity": report["params"]["achieved_sparsity"] if report else 0.0,
             "uniform": report["uniform_layers"] if report else True,
-            "check_diff": exported.max_abs_diff, "check_scale": exported.reference_scale,
-            "tolerance": exported.tolerance, "text_diff": on_text, "torch_fp32_vs_fp64": fp32_noise,
-            "abs_1e-4": "pass" if exported.max_abs_diff <= 1e-4 and on_text <= 1e-4 else "over",
+            "check_diff": exported.max_abs_diff, "check_torch_fp32": exported.torch_fp32_diff,
+            "check_scale": exported.reference_scale, "tolerance": exported.tolerance, "text_diff": on_text["vs_fp64"], "text_vs_fp32": on_text["vs_fp32"],
+            "text_torch_fp32": on_text["torch_fp32"], "random_diff": on_random["vs_fp64"],
+            "random_torch_fp32": on_random["torch_fp32"],
+            "abs_1e-4": "pass" if max(exported.max_abs_diff, on_text["vs_fp64"]) <= 1e-4 else "over",
             "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(parity_rows[-1]), flush=True)
         del model, loaded
 
+    print("\nParity (max abs logit difference, onnxruntime fp32 vs PyTorch fp64; PyTorch's own fp32 error for scale):")
+    print(markdown_table(parity_rows, [("model", "model"), ("layer sparsity", "sparsity"), ("uniform", "uniform"),
+                                       ("export check", "check_diff"), ("torch fp32 there", "check_torch_fp32"),
+                                       ("max |logit|", "check_scale"), ("tolerance", "tolerance"), ("wiki.test 2x128", "text_diff"),
+                                       ("vs torch fp32", "text_vs_fp32"), ("torch fp32 there", "text_torch_fp32"),
+                                       ("random 2x128", "random_diff"), ("torch fp32 there", "random_torch_fp32"),
+                                       ("text <= 1e-4", "abs_1e-4"), ("s", "seconds")]))
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.parity_only:
+        (out / "onnx_parity.json").write_text(json.dumps({"parity": parity_rows}, indent=1) + "\n")
+        return
     speed_rows = []
     for batch, seqlen in SHAPES:
         dense = measure(paths["dense"], batch, seqlen, warmup=args.warmup, runs=args.runs, threads=args.threads,
@@ -99,19 +120,11 @@ def main() -> None:
             speed_rows.append(_row(name, m, dense))
             print(json.dumps(speed_rows[-1]), flush=True)
 
-    print("\nParity (max abs logit difference, onnxruntime vs PyTorch, fp32):")
-    print(markdown_table(parity_rows, [("model", "model"), ("layer sparsity", "sparsity"), ("uniform", "uniform"),
-                                       ("export check", "check_diff"), ("max |logit|", "check_scale"),
-                                       ("tolerance", "tolerance"), ("wiki.test 2x128", "text_diff"),
-                                       ("torch fp32 vs fp64", "torch_fp32_vs_fp64"), ("abs 1e-4", "abs_1e-4"),
-                                       ("s", "seconds")]))
     print(f"\nCPU latency, onnxruntime {args.threads} threads, {args.runs} runs after {args.warmup} warm-up:")
     print(markdown_table(speed_rows, [("model", "model"), ("shape", "shape"), ("median ms", "median_ms"),
                                       ("p90 ms", "p90_ms"), ("tokens/s", "tokens_per_s"), ("GFLOP", "gflops"),
                                       ("speed-up", "speedup"), ("ideal", "ideal"), ("of ideal", "of_ideal"),
                                       ("profile (share of node time)", "profile")]))
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "onnx_speed.json").write_text(json.dumps({"parity": parity_rows, "speed": speed_rows}, indent=1) + "\n")
 
 

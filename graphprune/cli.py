@@ -172,7 +172,8 @@ def _print_compress_summary(r: dict, out: Path, args) -> None:
 def _print_export(e) -> None:
     print(f"wrote {e.path} ({e.exporter}, opset {e.opset}; inputs {', '.join(e.inputs)} -> {e.output}, dynamic "
           f"batch/sequence, no KV cache); onnxruntime parity: max abs {e.output} diff {e.max_abs_diff:.3g} "
-          f"(tolerance {e.tolerance:.3g})")
+          f"vs PyTorch {e.reference} (tolerance {e.tolerance:.3g}"
+          + (f"; PyTorch fp32 itself differs by {e.torch_fp32_diff:.3g})" if e.torch_fp32_diff is not None else ")"))
     for note in e.notes:
         print(f"note: {note}")
 
@@ -391,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.onnx exporter (torchscript: seconds; dynamo: minutes on large models)")
     p.add_argument("--opset", type=_positive_int, default=None)
     p.add_argument("--atol", type=float, default=1e-4,
-                   help="parity tolerance: fail when max |onnx - torch| > atol * max(1, max|torch output|)")
+                   help="parity tolerance: fail when max |onnxruntime fp32 - PyTorch fp64| > "
+                        "atol * max(1, max|output|)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_export)
 
