@@ -13,7 +13,7 @@ Defaults are reduced from BENCHMARKS.md so the grid fits a shared 2-core machine
 
 `--calib-free` (issue 6) runs easyep and reap calibrated on wiki.train next to the same criteria on
 self-generated calibration (`--calib none`: the fixture writes 64 x 128 tokens itself, seed 0,
-temperature 1, top-p 0.95; "calib s" includes the generation).
+temperature 1, no top-p truncation; "calib s" includes the generation).
 
 `--domains wiki --eval-windows 32` re-runs the criteria comparison on one calibration domain with
 a longer evaluation (the 8-window differences are within noise).

@@ -35,6 +35,22 @@ def test_generation_is_deterministic_and_seed_dependent(model_and_tokenizer):
     assert not torch.equal(a, c)
 
 
+def test_default_sampling_is_the_models_own_distribution_untruncated_and_recorded(model_and_tokenizer, monkeypatch):
+    model, tok = model_and_tokenizer
+    seen = {}
+    generate = model.generate
+
+    def recording_generate(**kwargs):
+        seen.update(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    gen = generate_calibration(model, tok, nsamples=2, seqlen=8, seed=0, progress=False)
+    # temperature 1 and no nucleus / top-k truncation: the tail that real text has stays in the sample
+    assert seen["do_sample"] and seen["temperature"] == 1.0 and seen["top_p"] == 1.0 and seen["top_k"] == 0
+    assert gen.settings["temperature"] == 1.0 and gen.settings["top_p"] == 1.0
+
+
 def test_generation_does_not_touch_the_global_random_state(model_and_tokenizer):
     model, tok = model_and_tokenizer
     torch.manual_seed(123)
