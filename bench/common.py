@@ -34,9 +34,9 @@ def run_child(module: str, spec: dict, timeout: int = 7200) -> dict:
 
 
 def peak_rss_mb() -> float:
-    import resource
+    from graphprune.pipeline import peak_rss_mb as own_peak
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return own_peak()
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

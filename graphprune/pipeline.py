@@ -495,7 +495,7 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
         # Measurements of this run, not of its result: save_pruned writes them apart from the rest
         # (RUN_REPORT_KEYS) so that the same inputs and seed give a byte-identical report.
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "calibration_cache": cache_state,
         **({"gradient_cache": gradient_cache} if gradient_cache else {}),
         "trace": groups.graph.notes,
@@ -536,7 +536,7 @@ def _experts_result(loaded, model: torch.nn.Module, groups: GroupSet, stage, ori
                    "achieved_sparsity": (original["layers_before"] - layer_after) / original["layers_before"]},
         "flops_per_token": {"before": original["flops_before"], "after": original["flops_before"] - flops_removed},
         "kept_units": {"expert": stage.report["kept_per_layer"]}, "floored_groups": [], "allocation_notes": [],
-        "timings_s": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_mb": round(peak_rss_mb(), 1),
         "trace": groups.graph.notes, "experts": stage.report, "uniform_layers": stage.report["uniform_layers"],
     }
     return CompressResult(model, report, groups, stage.removed)
@@ -637,9 +637,19 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return cache_key(h)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB: Linux's VmHWM, which a new program starts afresh.
+    `ru_maxrss` is the fallback elsewhere; on Linux it survives fork + exec, so a process started by
+    a parent that once held 8 GB reports at least 8 GB."""
     import resource
 
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

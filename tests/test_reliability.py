@@ -836,3 +836,17 @@ def test_same_inputs_and_seed_give_byte_identical_outputs(graphprune, model_dir,
     runs = [json.loads((out / "graphprune_run.json").read_text()) for out in outs]
     assert [r["calibration_cache"] for r in runs] == ["miss", "hit"]
     assert set(runs[0]) == {"calibration_cache", "peak_rss_mb", "timings_s"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_reported_peak_rss_is_the_process_own_not_a_parents():
+    """The report's peak RSS must not carry the peak of the process that started it (Linux keeps a
+    parent's peak in ru_maxrss across fork + exec)."""
+    ballast = np.ones(1536 * 2**20 // 8)  # 1.5 GB touched in this (the parent) process
+    child = subprocess.run([sys.executable, "-c", "import resource\n"
+                            "from graphprune.pipeline import peak_rss_mb\n"
+                            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
+                           capture_output=True, text=True, check=True)
+    own, _ru_maxrss = map(float, child.stdout.split())
+    del ballast
+    assert own < 1200  # torch and graphprune imported: a few hundred MB, not the parent's 1.5 GB

@@ -549,7 +549,7 @@ def _unique_params(model: torch.nn.Module) -> int:
 def _report(arch, layer_groups, chosen, plan, config_result, new_biases, job, *, sparsity, criterion,
             criterion_options, allocation, target, target_note, compensate, seed, calib_note, timings, name,
             options, resumed) -> dict:
-    from ..pipeline import _peak_rss_mb, _version as version
+    from ..pipeline import _version as version, peak_rss_mb
 
     new_model = job.new_model
     removed = plan.removed
@@ -574,7 +574,7 @@ def _report(arch, layer_groups, chosen, plan, config_result, new_biases, job, *,
         "blocked_groups": [{"scope": g.scope, "kind": g.kind, "reason": g.reason} for g in layer_groups.all()
                            if g.status == BLOCKED],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "trace": layer_groups.traced.graph.notes + [
             f"traced a {arch.model_class.__name__} of 2 layers (hidden size "
             f"{arch.trace_config().hidden_size}) and mapped its layer-0 groups onto the {arch.n_layers} layers"],
