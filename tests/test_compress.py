@@ -291,6 +291,29 @@ def test_per_layer_output_reloads_with_graphprune_in_a_fresh_process(model, tmp_
     assert load_pruned(out).model.layers[0].mlp.down_proj.in_features == 86
 
 
+def test_a_per_layer_output_can_be_pruned_again_and_keeps_its_earlier_per_layer_sizes(model, tmp_path):
+    groups = analyze(model)
+    kv1 = next(g for g in groups if g.kind == "kv-group" and g.layer == 1)
+    removed = {ffn_group(groups, 0).id: np.arange(10), ffn_group(groups, 1).id: np.arange(30, 60), kv1.id: np.array([0])}
+    first, _ = rewrite(model, groups, [g for g in groups if g.prunable], removed)
+    once = load_pruned(save_pruned(first, tmp_path / "once"))
+
+    groups = analyze(once)  # sizes from the weights: layer 0 has 86 channels, layer 1 66
+    assert ffn_group(groups, 0).units == 86 and ffn_group(groups, 1).units == 66
+    again, extra = rewrite(once, groups, [g for g in groups if g.prunable], {ffn_group(groups, 0).id: np.arange(6)})
+    assert extra["uniform_layers"] is False
+    out = save_pruned(again, tmp_path / "twice")
+    overrides = json.loads((out / "config.json").read_text())["graphprune_layer_overrides"]
+    # layer 1's heads and channels from the first pruning stay; layer 0 loses 6 more channels
+    assert overrides["1"] == {"intermediate_size": 66, "num_attention_heads": 2, "num_key_value_heads": 1}
+    assert load_pruned(out).model.layers[0].mlp.down_proj.in_features == 80
+    _reload_and_compare(again, out, tmp_path, "graphprune")
+
+    # and through compress, with global allocation choosing the sizes again
+    result = compress(load_pruned(out), criterion="magnitude", sparsity=0.3, allocation="global", progress=False)
+    _reload_and_compare(result.model, save_pruned(result.model, tmp_path / "thrice"), tmp_path, "graphprune")
+
+
 def test_query_heads_inside_kv_groups_can_be_the_target():
     model = tiny_llama(heads=6, kv=2, hidden=96)
     result = compress(model, criterion="magnitude", sparsity=0.4, allocation="uniform",

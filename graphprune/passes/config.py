@@ -72,15 +72,25 @@ def apply_layer_overrides(model: torch.nn.Module, config) -> None:
     if found is None:
         raise PruningError("per-layer sizes need a model with a list of layers")
     _, blocks = found
-    for index, values in overrides.items():
-        layer_config = copy.deepcopy(config)
-        setattr(layer_config, OVERRIDES_KEY, None)
-        for key, value in values.items():
-            setattr(layer_config, key, value)
+    for index in overrides:
         block_class = type(blocks[int(index)])
         params = inspect.signature(block_class.__init__).parameters
-        blocks[int(index)] = (block_class(layer_config, layer_idx=int(index)) if "layer_idx" in params
-                              else block_class(layer_config))
+        own = layer_config(config, int(index))
+        blocks[int(index)] = (block_class(own, layer_idx=int(index)) if "layer_idx" in params
+                              else block_class(own))
+
+
+def layer_config(config, layer: int):
+    """The config layer `layer` is built from: `config` with that layer's overrides applied (the
+    config itself when the layer has none)."""
+    values = (getattr(config, OVERRIDES_KEY, None) or {}).get(str(layer))
+    if not values:
+        return config
+    own = copy.deepcopy(config)
+    setattr(own, OVERRIDES_KEY, None)
+    for key, value in values.items():
+        setattr(own, key, value)
+    return own
 
 
 def per_layer_class(model_class):
@@ -104,6 +114,15 @@ class ConfigRewrite:
         new = copy.deepcopy(config)
         head_dim = head_dim_of(config)
         by_id = {g.id: g for g in groups}
+        # A model pruned before with per-layer sizes (re-pruning a graphprune output): each layer's
+        # sizes are read from its own config, the global one overlaid with its overrides.
+        own_configs: dict[int, Any] = {}
+
+        def own(layer: int):
+            if layer not in own_configs:
+                own_configs[layer] = layer_config(config, layer)
+            return own_configs[layer]
+
         layer_values: dict[int, dict[str, int]] = {}
         for g in groups:
             if g.layer is None:
@@ -111,9 +130,10 @@ class ConfigRewrite:
                                    f"the config cannot describe its new size")
             kept = g.units - len(removed.get(g.id, ()))
             values = layer_values.setdefault(g.layer, {})
+            cfg = own(g.layer)
             if g.kind == "channel":
                 inside_experts = any(s.expert is not None for s in g.slices)
-                key = _find_key(config, EXPERT_CHANNEL_KEYS if inside_experts else CHANNEL_KEYS, g.units)
+                key = _find_key(cfg, EXPERT_CHANNEL_KEYS if inside_experts else CHANNEL_KEYS, g.units)
                 if key is None:
                     raise PruningError(f"no config key holds the size {g.units} of {g.scope}; cannot rewrite the config")
                 if values.get(key, kept) != kept:
@@ -124,22 +144,22 @@ class ConfigRewrite:
             elif g.kind == "kv-group":
                 child = by_id.get(g.children[0]) if g.children else None
                 per_group = (child.units - len(removed.get(child.id, ()))) if child else \
-                    _find_heads(config) // max(g.units, 1)
-                values[_find_key(config, KV_KEYS, g.units) or "num_key_value_heads"] = kept
-                values[_find_key(config, HEAD_KEYS, _find_heads(config)) or "num_attention_heads"] = kept * per_group
+                    _find_heads(cfg) // max(g.units, 1)
+                values[_find_key(cfg, KV_KEYS, g.units) or "num_key_value_heads"] = kept
+                values[_find_key(cfg, HEAD_KEYS, _find_heads(cfg)) or "num_attention_heads"] = kept * per_group
             elif g.kind == "head":
                 if g.parent and g.parent in by_id:
                     continue  # written with its kv-group
-                kv = _find_kv(config)
-                heads = _find_heads(config)
+                kv = _find_kv(cfg)
+                heads = _find_heads(cfg)
                 if kv is not None and kv != heads:  # query heads within untouched kv groups
-                    values[_find_key(config, HEAD_KEYS, heads) or "num_attention_heads"] = kv * kept
+                    values[_find_key(cfg, HEAD_KEYS, heads) or "num_attention_heads"] = kv * kept
                 else:
-                    values[_find_key(config, HEAD_KEYS, heads) or "num_attention_heads"] = kept
+                    values[_find_key(cfg, HEAD_KEYS, heads) or "num_attention_heads"] = kept
                     if kv is not None:
-                        values[_find_key(config, KV_KEYS, kv) or "num_key_value_heads"] = kept
+                        values[_find_key(cfg, KV_KEYS, kv) or "num_key_value_heads"] = kept
             elif g.kind == "expert":
-                key = _find_key(config, EXPERT_KEYS, g.units)
+                key = _find_key(cfg, EXPERT_KEYS, g.units)
                 if key is None:
                     raise PruningError(f"no config key holds the {g.units} routed experts of {g.scope}; cannot "
                                        f"rewrite the config")
@@ -148,25 +168,33 @@ class ConfigRewrite:
                 raise PruningError(f"pruning {g.kind} groups is not supported by the HF config rewrite")
         if any(k in HEAD_KEYS for v in layer_values.values() for k in v) and head_dim:
             new.head_dim = head_dim
-        # Fill untouched layers with the original values so every layer states all keys.
-        keys = sorted({k for v in layer_values.values() for k in v})
-        originals = {k: getattr(config, k) if getattr(config, k) is not None else _default_of(config, k) for k in keys}
+        # Every layer states every key: the new sizes, else its current ones (earlier overrides kept).
+        previous = getattr(config, OVERRIDES_KEY, None) or {}
+        keys = sorted({k for v in layer_values.values() for k in v} | {k for v in previous.values() for k in v})
+
+        def current(layer: int, key: str) -> int:
+            value = getattr(own(layer), key, None)
+            return value if value is not None else _default_of(config, key)
+
         # A layer without routed experts (DeepSeek's first dense layers) does not read the expert
         # count: it takes the MoE layers' value so that uniform MoE layers stay one plain config.
-        for k in keys:
-            if k in EXPERT_KEYS:
-                originals[k] = next(v[k] for _, v in sorted(layer_values.items()) if k in v)
-        full = {i: {k: layer_values.get(i, {}).get(k, originals[k]) for k in keys} for i in range(n_layers)}
-        distinct = {tuple(sorted(v.items())) for v in full.values()}
-        uniform = len(distinct) <= 1
-        if uniform and full:
-            for k, v in full[0].items():
-                setattr(new, k, v)
-        elif full:
+        expert_fill = {k: next(v[k] for _, v in sorted(layer_values.items()) if k in v)
+                       for k in keys if k in EXPERT_KEYS and any(k in v for v in layer_values.values())}
+        def size(layer: int, key: str) -> int:
+            if key in layer_values.get(layer, {}):
+                return layer_values[layer][key]
+            return expert_fill[key] if key in expert_fill else current(layer, key)
+
+        full = {i: {k: size(i, k) for k in keys} for i in range(n_layers)}
+        uniform = len({tuple(sorted(v.items())) for v in full.values()}) <= 1
+        if full:
             base = full[0]
             for k, v in base.items():
                 setattr(new, k, v)
-            setattr(new, OVERRIDES_KEY, {str(i): v for i, v in full.items() if v != base})
+            if uniform:
+                new.__dict__.pop(OVERRIDES_KEY, None)
+            else:
+                setattr(new, OVERRIDES_KEY, {str(i): v for i, v in full.items() if v != base})
         bias_keys = self._bias_flags(new, model_class, new_biases) if new_biases else []
         self._verify(new, model_class, state_shapes, {s.param for g in groups for s in g.slices})
         return ConfigResult(new, full, uniform, bias_keys)
