@@ -180,6 +180,7 @@ class ConfigRewrite:
         # count: it takes the MoE layers' value so that uniform MoE layers stay one plain config.
         expert_fill = {k: next(v[k] for _, v in sorted(layer_values.items()) if k in v)
                        for k in keys if k in EXPERT_KEYS and any(k in v for v in layer_values.values())}
+
         def size(layer: int, key: str) -> int:
             if key in layer_values.get(layer, {}):
                 return layer_values[layer][key]
