@@ -5,7 +5,7 @@ Decoders: `nsamples` windows of `seqlen` tokens (see data/calibration.py), LM lo
 `batch_size` windows per step. Encoders (embedding models): `nsamples` (query, positive) pairs
 from the calibration side of the pair split (see data/pairs.py), each text truncated to `seqlen`
 tokens, InfoNCE over `batch_size` pairs per step; their activations are collected on windows of
-the pairs' text.
+the pairs' text, each framed by the tokenizer's special tokens ([CLS] ... [SEP]).
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ def calibration_set(model: torch.nn.Module, tokenizer: Any, source: str, *, enco
 
     pooling = pooling or Pooling()
     pairs = load_pairs(source, "calibration", limit=nsamples, seed=seed)
+    # [CLS] ... [SEP] around each window: the activation statistics (FLAP, least squares) must see
+    # the special-token positions an encoder always has, and whose activations differ most.
     windows = windows_from_text(pair_text(pairs), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                label=f"(pairs of {source})")
+                                framed=True, label=f"(pairs of {source})")
     steps = [info_nce_step(model, batch, pooling)
              for batch in pair_batches(tokenizer, pairs, max_length=seqlen, batch_size=batch_size)]
     return CalibrationSet(windows, steps, {
         "source": str(source), "pairs": len(pairs), "split": "calibration", "max_tokens": seqlen, "seed": seed,
         "loss": "infonce", "temperature": TEMPERATURE, "pairs_per_batch": batch_size, "pooling": pooling.mode,
-        "nsamples": nsamples, "seqlen": seqlen})
+        "nsamples": nsamples, "seqlen": seqlen, "windows": "framed by the special tokens"})

@@ -132,6 +132,17 @@ def test_retrieval_ranks_each_query_among_all_positives(st_dir, data):
     assert result.mrr == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-9)
 
 
+def test_encoder_activation_windows_are_framed_like_encoder_inputs(st_dir, data):
+    loaded = load_model(st_dir)
+    tok = loaded.tokenizer
+    calib = calibration_set(loaded.model, tok, data["domain"], encoder=True, pooling=Pooling(), nsamples=5,
+                            seqlen=24, seed=0, batch_size=5)
+    assert calib.windows.shape == (5, 24)
+    # what the tokenizer puts around every text, so the statistics see the [CLS]/[SEP] positions too
+    assert (calib.windows[:, 0] == tok.cls_token_id).all() and (calib.windows[:, -1] == tok.sep_token_id).all()
+    assert not torch.isin(calib.windows[:, 1:-1], torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id])).any()
+
+
 # ----------------------------------------------------------------------------- criteria
 @pytest.fixture(scope="module")
 def float64_encoder(st_dir):

@@ -161,11 +161,16 @@ def load_calibration(
 
 
 def windows_from_text(text: str, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int = 0, add_bos: bool = False,
-                      label: str = "") -> torch.Tensor:
-    """`nsamples` windows of `seqlen` tokens at random offsets of `text` (see `load_calibration`)."""
+                      framed: bool = False, label: str = "") -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at random offsets of `text` (see `load_calibration`).
+    `framed`: each window is framed by the special tokens the tokenizer puts around one text
+    (BERT's [CLS] ... [SEP]), as an encoder always sees its input."""
     _require_positive(nsamples=nsamples, seqlen=seqlen)
+    prefix, suffix = special_frame(tokenizer) if framed else ((), ())
     token_ids = tokenize_text(tokenizer, text)
-    text_tokens_per_window = seqlen - 1 if add_bos else seqlen
+    text_tokens_per_window = seqlen - (1 if add_bos else 0) - len(prefix) - len(suffix)
+    if text_tokens_per_window < 1:
+        raise CalibrationError(f"--seqlen {seqlen} leaves no room for text between the special tokens")
     if token_ids.numel() < text_tokens_per_window:
         raise CalibrationError(
             f"calibration text {label} has {token_ids.numel()} tokens; "
@@ -178,7 +183,22 @@ def windows_from_text(text: str, tokenizer: Any, *, nsamples: int, seqlen: int, 
     if add_bos:
         bos_column = torch.full((nsamples, 1), bos_token_id(tokenizer), dtype=torch.long)
         windows = torch.cat([bos_column, windows], dim=1)
+    if prefix or suffix:
+        windows = torch.cat([torch.tensor([prefix] * nsamples, dtype=torch.long).reshape(nsamples, len(prefix)),
+                             windows,
+                             torch.tensor([suffix] * nsamples, dtype=torch.long).reshape(nsamples, len(suffix))], dim=1)
     return windows
+
+
+def special_frame(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The special token ids the tokenizer puts before and after one text (([CLS],), ([SEP],) for
+    BERT; empty for a tokenizer that adds none), read off how it encodes a short text."""
+    plain = tokenizer("a sample", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a sample", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return tuple(full[:start]), tuple(full[start + len(plain):])
+    return (), ()
 
 
 def _require_positive(**values: int) -> None:
