@@ -302,6 +302,11 @@ def compress(model: Any, *, criterion: str | None = None, sparsity: float = 0.2,
     target, target_note = default_target(model, groups) if target is None else (target, None)
     chosen = select_groups(groups, target)
     timings["trace"] = time.perf_counter() - t
+    if encoder and compensate != "none" and "gradients" in scorer.needs:
+        target_note = "; ".join(filter(None, [target_note, (
+            f"--compensate {compensate} refits the FFN output before the encoder's residual LayerNorm, which "
+            f"a gradient criterion does not rank by: measured worse than none (MiniLM-L6, fisher at 50%: "
+            f"domain MRR 0.573 without, 0.524 bias, 0.134 lsq)")]))
 
     needs = scorer.needs | ({"activations"} if compensate == "bias" else set())
     # Encoders get InfoNCE on pairs (embedding.py); other models need an LM loss.

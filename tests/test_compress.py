@@ -294,7 +294,8 @@ def test_per_layer_output_reloads_with_graphprune_in_a_fresh_process(model, tmp_
 def test_a_per_layer_output_can_be_pruned_again_and_keeps_its_earlier_per_layer_sizes(model, tmp_path):
     groups = analyze(model)
     kv1 = next(g for g in groups if g.kind == "kv-group" and g.layer == 1)
-    removed = {ffn_group(groups, 0).id: np.arange(10), ffn_group(groups, 1).id: np.arange(30, 60), kv1.id: np.array([0])}
+    removed = {ffn_group(groups, 0).id: np.arange(10), ffn_group(groups, 1).id: np.arange(30, 60),
+               kv1.id: np.array([0])}
     first, _ = rewrite(model, groups, [g for g in groups if g.prunable], removed)
     once = load_pruned(save_pruned(first, tmp_path / "once"))
 
