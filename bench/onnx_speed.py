@@ -89,7 +89,8 @@ def main() -> None:
             "model": name, "sparsity": report["params"]["achieved_sparsity"] if report else 0.0,
             "uniform": report["uniform_layers"] if report else True,
             "check_diff": exported.max_abs_diff, "check_torch_fp32": exported.torch_fp32_diff,
-            "check_scale": exported.reference_scale, "tolerance": exported.tolerance, "text_diff": on_text["vs_fp64"], "text_vs_fp32": on_text["vs_fp32"],
+            "check_scale": exported.reference_scale, "tolerance": exported.tolerance,
+            "text_diff": on_text["vs_fp64"], "text_vs_fp32": on_text["vs_fp32"],
             "text_torch_fp32": on_text["torch_fp32"], "random_diff": on_random["vs_fp64"],
             "random_torch_fp32": on_random["torch_fp32"],
             "abs_1e-4": "pass" if max(exported.max_abs_diff, on_text["vs_fp64"]) <= 1e-4 else "over",
@@ -100,7 +101,8 @@ def main() -> None:
     print("\nParity (max abs logit difference, onnxruntime fp32 vs PyTorch fp64; PyTorch's own fp32 error for scale):")
     print(markdown_table(parity_rows, [("model", "model"), ("layer sparsity", "sparsity"), ("uniform", "uniform"),
                                        ("export check", "check_diff"), ("torch fp32 there", "check_torch_fp32"),
-                                       ("max |logit|", "check_scale"), ("tolerance", "tolerance"), ("wiki.test 2x128", "text_diff"),
+                                       ("max |logit|", "check_scale"), ("tolerance", "tolerance"),
+                                       ("wiki.test 2x128", "text_diff"),
                                        ("vs torch fp32", "text_vs_fp32"), ("torch fp32 there", "text_torch_fp32"),
                                        ("random 2x128", "random_diff"), ("torch fp32 there", "random_torch_fp32"),
                                        ("text <= 1e-4", "abs_1e-4"), ("s", "seconds")]))

@@ -184,9 +184,8 @@ def windows_from_text(text: str, tokenizer: Any, *, nsamples: int, seqlen: int, 
         bos_column = torch.full((nsamples, 1), bos_token_id(tokenizer), dtype=torch.long)
         windows = torch.cat([bos_column, windows], dim=1)
     if prefix or suffix:
-        windows = torch.cat([torch.tensor([prefix] * nsamples, dtype=torch.long).reshape(nsamples, len(prefix)),
-                             windows,
-                             torch.tensor([suffix] * nsamples, dtype=torch.long).reshape(nsamples, len(suffix))], dim=1)
+        windows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(nsamples, -1), windows,
+                             torch.tensor(suffix, dtype=torch.long).expand(nsamples, -1)], dim=1)
     return windows
 
 
