@@ -78,7 +78,8 @@ def main() -> None:
     for run in spec["runs"]:
         t = time.perf_counter()
         result = prune_experts(model, groups, criterion=run["criterion"], sparsity=run["sparsity"],
-                               routing_stats=stats, seed=spec["seed"], progress=False)
+                               routing_stats=stats, seed=spec["seed"], progress=False,
+                               criterion_options=run.get("options"))
         kept = set(result.report["kept_per_layer"].values())
         row = {**run, "calib": spec.get("calib"), "kept": kept.pop() if len(kept) == 1 else "varies",
                "calib_s": calib_s, "setup_s": setup_s, "prune_s": time.perf_counter() - t,

@@ -15,10 +15,13 @@ Defaults are reduced from BENCHMARKS.md so the grid fits a shared 2-core machine
 self-generated calibration (`--calib none`: the fixture writes 64 x 128 tokens itself, seed 0,
 temperature 1, no top-p truncation; "calib s" includes the generation).
 
+`--residual` adds easyep with `token_change=residual` (the token weight on the residual stream, as
+in EASY-EP's reference code) to every calibration domain.
+
 `--domains wiki --eval-windows 32` re-runs the criteria comparison on one calibration domain with
 a longer evaluation (the 8-window differences are within noise).
 
-    python -m bench.moe_experts [--full] [--calib-free] [--domains wiki,news] [--eval-windows N]
+    python -m bench.moe_experts [--full] [--calib-free] [--residual] [--domains wiki,news] [--eval-windows N]
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ FRACTIONS = (0.25, 0.5)
 
 
 def children(full: bool, calib_free: bool = False, domains: tuple[str, ...] = ("wiki", "news"),
-             eval_windows: int | None = None) -> list[dict]:
+             eval_windows: int | None = None, residual: bool = False) -> list[dict]:
     sizes = {"nsamples": PROTOCOL["calib_nsamples"] if full else 64, "seqlen": PROTOCOL["calib_seqlen"],
              "seed": PROTOCOL["seed"], "eval_seqlen": PROTOCOL["eval_seqlen"],
              "eval_windows": eval_windows or (PROTOCOL["eval_windows"] if full else 8)}
@@ -44,6 +47,8 @@ def children(full: bool, calib_free: bool = False, domains: tuple[str, ...] = ("
         runs = [{"criterion": c, "sparsity": s} for s in FRACTIONS for c in ("easyep", "reap")]
         return [{**sizes, "dense": "moe"}] + [{**sizes, "calib": d, "runs": runs} for d in ("wiki", "none")]
     runs = [{"criterion": c, "sparsity": s} for s in FRACTIONS for c in CRITERIA]
+    if residual:  # EASY-EP's token weight on the residual stream (its reference code), next to the default
+        runs += [{"criterion": "easyep", "sparsity": s, "options": {"token_change": "residual"}} for s in FRACTIONS]
     combined = [{**sizes, "calib": "wiki+news", "runs": [{"criterion": "easyep", "sparsity": s} for s in FRACTIONS]}]
     return ([{**sizes, "dense": "smollm2"}] * (len(domains) > 1) + [{**sizes, "dense": "moe"}]
             + [{**sizes, "calib": d, "runs": runs} for d in domains]
@@ -65,7 +70,7 @@ def main(argv: list[str]) -> None:
     calib_free = "--calib-free" in argv
     with open(results / ("moe_calibration_free.jsonl" if calib_free else "moe_experts.jsonl"), "a") as log:
         for spec in children("--full" in argv, calib_free, tuple(_option(argv, "--domains", "wiki,news").split(",")),
-                             int(_option(argv, "--eval-windows", "0")) or None):
+                             int(_option(argv, "--eval-windows", "0")) or None, "--residual" in argv):
             proc = subprocess.run([sys.executable, "-m", "bench._moe_child", json.dumps(spec)], cwd=ROOT,
                                   capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -77,6 +82,9 @@ def main(argv: list[str]) -> None:
                 log.flush()
                 print(json.dumps(row), file=sys.stderr, flush=True)
             rows += lines
+    for row in rows:
+        if row.get("options"):
+            row["criterion"] += " " + ",".join(f"{k}={v}" for k, v in row["options"].items())
     print(markdown_table(rows, [("criterion", "criterion"), ("removed", "sparsity"), ("calibration", "calib"),
                                 ("experts kept/layer", "kept"), ("PPL wiki.test", "ppl_wiki"),
                                 ("PPL news", "ppl_news"), ("calib s", "calib_s"), ("prune s", "prune_s"),

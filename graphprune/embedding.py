@@ -39,6 +39,7 @@ class RetrievalResult:
     recall_at_1: float
     mrr: float
     pairs: int
+    ranks: tuple[int, ...] = ()  # per query, the rank of its own positive (1 = first): for paired comparisons
 
 
 def is_encoder(model: Any) -> bool:
@@ -158,4 +159,4 @@ def retrieval(model: torch.nn.Module, tokenizer: Any, pairs: list[Pair], pooling
     own = scores.diagonal().unsqueeze(1)
     rank = (scores >= own).sum(1)  # 1 when the own positive beats every other
     return RetrievalResult(recall_at_1=float((rank == 1).double().mean()), mrr=float((1.0 / rank.double()).mean()),
-                           pairs=len(pairs))
+                           pairs=len(pairs), ranks=tuple(rank.tolist()))

@@ -128,6 +128,7 @@ def test_retrieval_ranks_each_query_among_all_positives(st_dir, data):
     sims = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(d, dim=-1).T
     ranks = [1 + int((sims[i] > sims[i, i]).sum()) for i in range(len(pairs))]
     assert result.pairs == 12
+    assert list(result.ranks) == ranks  # per query, for paired comparisons between models
     assert result.recall_at_1 == pytest.approx(np.mean([r == 1 for r in ranks]))
     assert result.mrr == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-9)
 

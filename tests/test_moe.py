@@ -250,6 +250,25 @@ def test_cli_removes_experts_with_two_calibration_domains_and_the_output_loads_w
     assert reloaded.model.layers[0].mlp.experts.down_proj.shape[0] == 6
 
 
+def test_cli_easyep_token_change_option_is_used_and_a_bad_value_exits_2_without_output(tmp_path):
+    model_dir = tmp_path / "qwen3"
+    build_tiny("qwen3_moe")[0].save_pretrained(model_dir)
+    byte_level_tokenizer().save_pretrained(model_dir)
+    text = write_sample_text(tmp_path / "news.txt")
+    common = ("--target", "experts", "--criterion", "easyep", "--sparsity", "0.25", "--calib", text,
+              "--nsamples", "4", "--seqlen", "32", "--quiet")
+    out = tmp_path / "out"
+    result = _cli("compress", model_dir, *common, "--option", "token_change=residual", "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "graphprune_report.json").read_text())
+    assert report["experts"]["criterion_options"] == {"token_change": "residual"}
+    bad = tmp_path / "bad"
+    result = _cli("compress", model_dir, *common, "--option", "token_change=hidden", "--out", bad)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "token_change='hidden'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not bad.exists()
+
+
 def test_cli_refuses_experts_on_a_dense_model_in_one_line(tmp_path):
     from graphprune.testing.fixtures import save_tiny_llama
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from graphprune import criteria
+from graphprune.errors import UserError
 from graphprune.graph import analyze
 from graphprune.moe import collect_expert_stats, find_expert_layers
 from graphprune.moe.routing import ExpertStats
 from graphprune.pipeline import compress
 from graphprune.testing.fixtures import byte_level_tokenizer, write_sample_text
-from graphprune.testing.zoo import build_tiny
+from graphprune.testing.zoo import TINY_FAMILIES, build_tiny
 
 NEVER_ROUTED = [0, 5]
 OUTPUTS_ZERO = 3
@@ -87,7 +88,10 @@ def test_random_baseline_is_reproducible_from_its_seed():
 
 @torch.no_grad()
 def test_routing_statistics_match_a_direct_computation():
-    """routed / gate / gate_norm / easyep recomputed from the router and expert weights by hand."""
+    """routed / gate / gate_norm / easyep recomputed from the router and expert weights by hand; the
+    easyep token weight compares the experts' input h before and after the routed experts, and
+    easyep_residual the residual stream x (the input of the norm that feeds the MoE block), as
+    EASY-EP's reference code does."""
     model, _ = build_tiny("qwen3_moe")  # norm_topk_prob=True
     layers = find_expert_layers(model, analyze(model))
     batches = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -95,11 +99,16 @@ def test_routing_statistics_match_a_direct_computation():
 
     captured = {}
     mlp = model.model.layers[1].mlp
-    handle = mlp.register_forward_hook(lambda m, args, out: captured.update(h=args[0], out=out))
+    norm = model.model.layers[1].post_attention_layernorm
+    handles = [mlp.register_forward_hook(lambda m, args, out: captured.update(h=args[0], out=out)),
+               norm.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))]
     with torch.no_grad():
         model.model(input_ids=batches, use_cache=False)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     h = captured["h"].reshape(-1, 64).double()
+    x = captured["x"].reshape(-1, 64).double()
+    assert not torch.allclose(x, h)  # the norm changes the vectors: the test tells the two apart
     probs = torch.softmax(h @ mlp.gate.weight.double().T, dim=-1)
     g, idx = probs.topk(2, dim=-1)
     g = g / g.sum(-1, keepdim=True)
@@ -115,6 +124,7 @@ def test_routing_statistics_match_a_direct_computation():
             outputs[t] += g[t, k] * y
             norms[t, k] = y.norm()
     change = (1 - torch.nn.functional.cosine_similarity(h, h + outputs, dim=-1)).clamp_min(0)
+    change_residual = (1 - torch.nn.functional.cosine_similarity(x, x + outputs, dim=-1)).clamp_min(0)
     for t in range(h.shape[0]):
         for k in range(2):
             e = int(idx[t, k])
@@ -122,12 +132,45 @@ def test_routing_statistics_match_a_direct_computation():
             expected.gate[e] += g[t, k]
             expected.gate_norm[e] += g[t, k] * norms[t, k]
             expected.easyep[e] += g[t, k] * norms[t, k] * change[t]
+            expected.easyep_residual[e] += g[t, k] * norms[t, k] * change_residual[t]
     got = stats["model.layers.1.mlp.experts"]
     assert got.tokens == 32
-    for name in ("routed", "gate", "gate_norm", "easyep"):
+    assert not torch.allclose(expected.easyep, expected.easyep_residual)
+    for name in ("routed", "gate", "gate_norm", "easyep", "easyep_residual"):
         assert torch.allclose(getattr(got, name), getattr(expected, name), rtol=1e-4, atol=1e-6), name
+    assert np.allclose(criteria.get("easyep", token_change="residual").from_stats(got), expected.easyep_residual)
     reap = criteria.get("reap").from_stats(got)
     assert np.allclose(reap, (expected.gate_norm / expected.routed.clamp_min(1)).numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(f for f, spec in TINY_FAMILIES.items() if spec.is_moe))
+def test_easyep_token_weight_reads_the_residual_stream_in_every_moe_family(family):
+    model, _ = build_tiny(family)
+    layers = find_expert_layers(model, analyze(model))
+    batches = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    stats = collect_expert_stats(model, layers, batches, progress=False)
+    for layer in layers:
+        st = stats[layer.experts]
+        assert st.tokens == 16 and st.residual_tokens == st.tokens, (family, layer.layer)
+
+
+@torch.no_grad()
+def test_a_block_without_a_pre_norm_weighs_tokens_by_its_own_input():
+    """No norm's output is the block's input: x_t = h_t (and no token is counted as residual)."""
+    model, _ = build_tiny("qwen3_moe")
+    for layer in model.model.layers:
+        layer.post_attention_layernorm = torch.nn.Identity()  # the block now reads the residual itself
+    layers = find_expert_layers(model, analyze(model))
+    batches = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    stats = collect_expert_stats(model, layers, batches, progress=False)
+    for st in stats.values():
+        assert st.residual_tokens == 0 and st.easyep.sum() > 0
+        assert torch.equal(st.easyep, st.easyep_residual)
+
+
+def test_easyep_refuses_an_unknown_token_change_base():
+    with pytest.raises(UserError, match="token_change='hidden'.*input, residual"):
+        criteria.get("easyep", token_change="hidden")
 
 
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
@@ -147,9 +190,11 @@ def test_several_domains_are_combined_by_per_layer_normalised_sums():
     raw scale cannot drown the experts another domain needs."""
     layer = SimpleNamespace(num_experts=4, layer=0)
     news = ExpertStats(100, *(torch.tensor(v, dtype=torch.float64) for v in
-                              ([0.0, 0, 50, 50], [0.0, 0, 1, 1], [0.0, 0, 1000, 1000], [0.0, 0, 10, 10])))
+                              ([0.0, 0, 50, 50], [0.0, 0, 1, 1], [0.0, 0, 1000, 1000], [0.0, 0, 10, 10],
+                               [0.0, 0, 10, 10])))
     code = ExpertStats(100, *(torch.tensor(v, dtype=torch.float64) for v in
-                              ([0.0, 50, 0, 50], [0.0, 1, 0, 1], [0.0, 1, 0, 1], [0.0, 0.1, 0, 0.1])))
+                              ([0.0, 50, 0, 50], [0.0, 1, 0, 1], [0.0, 1, 0, 1], [0.0, 0.1, 0, 0.1],
+                               [0.0, 0.1, 0, 0.1])))
     easyep = criteria.get("easyep")
     combined = easyep.score_layer(layer, [news, code])
     assert np.allclose(combined, [0.0, 0.5, 0.5, 1.0])

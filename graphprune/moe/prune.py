@@ -206,7 +206,8 @@ def prune_experts(model: torch.nn.Module, groups: GroupSet, *, criterion: str = 
     timings["rewrite"] = time.perf_counter() - t
     experts_before = sum(layer.num_experts for layer in layers)
     report = {
-        "criterion": criterion, "allocation": allocation, "requested_sparsity": float(sparsity),
+        "criterion": criterion, "criterion_options": dict(criterion_options or {}), "allocation": allocation,
+        "requested_sparsity": float(sparsity),
         "calibration": ({"sources": [str(c) for c in calib], "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                          **generated} if scorer.needs else None),
         "experts_before": experts_before, "experts_removed": int(sum(len(r) for r in removed.values())),
