@@ -50,8 +50,13 @@ def main() -> None:
     texts = {key: read_text_file(data_file(name)) for key, name in (("wiki", "wiki.test.txt"), ("news", "news.txt"))}
 
     def evaluate(model) -> dict:
-        return {f"ppl_{k}": perplexity(model, loaded.tokenizer, text, seqlen=spec["eval_seqlen"],
-                                       windows=spec["eval_windows"], progress=False).ppl for k, text in texts.items()}
+        out = {}
+        for k, text in texts.items():
+            result = perplexity(model, loaded.tokenizer, text, seqlen=spec["eval_seqlen"],
+                                windows=spec["eval_windows"], progress=False)
+            out[f"ppl_{k}"] = result.ppl
+            out[f"nll_{k}"] = list(result.window_nll)  # per window: paired intervals between rows
+        return out
 
     if spec.get("dense"):
         print(json.dumps({"criterion": f"dense {spec['dense']}", **evaluate(loaded.model)}), flush=True)

@@ -39,6 +39,19 @@ def peak_rss_mb() -> float:
     return own_peak()
 
 
+def paired_bootstrap(a, b, resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a − b) over paired items (the same queries, the same evaluation windows) with a 95%
+    bootstrap interval (items resampled with replacement): is a difference between two models
+    larger than which items happen to be in the evaluation set?"""
+    import numpy as np
+
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     out = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:

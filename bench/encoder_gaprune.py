@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import data_file, markdown_table, peak_rss_mb, run_child
+from bench.common import data_file, markdown_table, paired_bootstrap, peak_rss_mb, run_child
 
 CALIB = {"nsamples": 256, "seqlen": 128, "seed": 0, "pair_batch": 16}
 EVAL_MAX_TOKENS = 256
@@ -99,16 +99,9 @@ def evaluation_sets() -> dict:
             "general": load_pairs(data_file("wiki.test.txt"), "evaluation", seed=0)}
 
 
-def paired_interval(ranks_a: list[int], ranks_b: list[int], resamples: int = 10000, seed: int = 0):
-    """MRR(a) − MRR(b) over the same queries, with a 95% paired bootstrap interval (queries resampled
-    with replacement): whether a difference is larger than which queries happen to be in the set."""
-    import numpy as np
-
-    diff = 1.0 / np.asarray(ranks_a, dtype=np.float64) - 1.0 / np.asarray(ranks_b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
+def paired_interval(ranks_a: list[int], ranks_b: list[int]):
+    """MRR(a) − MRR(b) over the same queries, with its 95% paired bootstrap interval."""
+    return paired_bootstrap([1.0 / r for r in ranks_a], [1.0 / r for r in ranks_b])
 
 
 def comparisons(rows: list[dict]) -> list[dict]:

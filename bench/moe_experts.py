@@ -15,6 +15,9 @@ Defaults are reduced from BENCHMARKS.md so the grid fits a shared 2-core machine
 self-generated calibration (`--calib none`: the fixture writes 64 x 128 tokens itself, seed 0,
 temperature 1, no top-p truncation; "calib s" includes the generation).
 
+After the table: easyep and reap against frequency (same calibration) and random as PPL ratios
+over the same evaluation windows, with 95% paired bootstrap intervals over the windows.
+
 `--residual` adds easyep with `token_change=residual` (the token weight on the residual stream, as
 in EASY-EP's reference code) to every calibration domain.
 
@@ -32,7 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import PROTOCOL, ROOT, markdown_table
+from bench.common import PROTOCOL, ROOT, markdown_table, paired_bootstrap
 
 CRITERIA = ("easyep", "reap", "frequency")
 FRACTIONS = (0.25, 0.5)
@@ -54,6 +57,30 @@ def children(full: bool, calib_free: bool = False, domains: tuple[str, ...] = ("
             + [{**sizes, "calib": d, "runs": runs} for d in domains]
             + combined * (len(domains) > 1)
             + [{**sizes, "calib": None, "runs": [{"criterion": "random", "sparsity": s} for s in FRACTIONS]}])
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """easyep and reap against frequency (same calibration) and random, per calibration and fraction:
+    the PPL ratio over the same evaluation windows with a 95% paired bootstrap interval (< 1: better)."""
+    import math
+
+    def key(row):
+        return row.get("criterion"), row.get("sparsity"), row.get("calib"), json.dumps(row.get("options"))
+
+    by_key = {key(r): r for r in rows if "nll_wiki" in r}
+    out = []
+    for (criterion, sparsity, calib, options), row in by_key.items():
+        if criterion not in ("easyep", "reap") or calib is None:
+            continue
+        for other in (("frequency", sparsity, calib, "null"), ("random", sparsity, None, "null")):
+            if other not in by_key:
+                continue
+            entry = {"comparison": f"{row['criterion']} / {other[0]}", "sparsity": sparsity, "calib": calib}
+            for text in ("wiki", "news"):
+                mean, low, high = paired_bootstrap(row[f"nll_{text}"], by_key[other][f"nll_{text}"])
+                entry[text] = f"{math.exp(mean):.4f} [{math.exp(low):.4f}, {math.exp(high):.4f}]"
+            out.append(entry)
+    return out
 
 
 def _option(argv: list[str], name: str, default: str) -> str:
@@ -89,6 +116,11 @@ def main(argv: list[str]) -> None:
                                 ("experts kept/layer", "kept"), ("PPL wiki.test", "ppl_wiki"),
                                 ("PPL news", "ppl_news"), ("calib s", "calib_s"), ("prune s", "prune_s"),
                                 ("peak RSS MB", "peak_rss_mb"), ("error", "error")]))
+    paired = comparisons(rows)
+    if paired:
+        print("\nPPL ratio over the same evaluation windows, 95% paired bootstrap interval (< 1: the first is better):")
+        print(markdown_table(paired, [("comparison", "comparison"), ("removed", "sparsity"), ("calibration", "calib"),
+                                      ("wiki.test", "wiki"), ("news", "news")]))
 
 
 if __name__ == "__main__":

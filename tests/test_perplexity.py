@@ -53,6 +53,7 @@ def test_matches_reference_nll(tokenizer):
     assert result.tokens == 5 * 63
     assert result.nll_mean == pytest.approx(expected_nll, rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(expected_nll), rel=1e-5)
+    assert result.window_nll == pytest.approx([loss.item() for loss in losses], rel=1e-5)  # per window, in order
 
 
 def test_batch_size_does_not_change_the_result(tokenizer):
@@ -60,11 +61,13 @@ def test_batch_size_does_not_change_the_result(tokenizer):
     one = perplexity(model, tokenizer, TEXT, seqlen=32, windows=7, batch_size=1, progress=False)
     three = perplexity(model, tokenizer, TEXT, seqlen=32, windows=7, batch_size=3, progress=False)
     assert one.nll_mean == pytest.approx(three.nll_mean, rel=1e-5)
+    assert one.window_nll == pytest.approx(three.window_nll, rel=1e-5)
 
 
 def test_uniform_model_has_perplexity_of_vocab_size(tokenizer):
     result = perplexity(UniformLM(), tokenizer, TEXT, seqlen=16, windows=4, progress=False)
-    expected = PerplexityResult(ppl=pytest.approx(VOCAB), nll_mean=pytest.approx(math.log(VOCAB)), tokens=60, windows=4)
+    expected = PerplexityResult(ppl=pytest.approx(VOCAB), nll_mean=pytest.approx(math.log(VOCAB)), tokens=60, windows=4,
+                                window_nll=pytest.approx((math.log(VOCAB),) * 4))
     assert result == expected
 
 

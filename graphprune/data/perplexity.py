@@ -32,6 +32,7 @@ class PerplexityResult:
     nll_mean: float
     tokens: int
     windows: int
+    window_nll: tuple[float, ...] = ()  # mean NLL of each window, in order: for paired comparisons of models
 
 
 def perplexity(
@@ -76,25 +77,26 @@ def perplexity(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout would make the number noisy
-    total_nll = 0.0
+    window_sums: list[float] = []
     try:
         progress_bar = tqdm(total=window_count, desc="perplexity", unit="window", disable=not progress)
         with torch.inference_mode(), progress_bar:
             for start in range(0, window_count, batch_size):
                 batch = inputs[start : start + batch_size].to(device)
-                total_nll += _summed_nll(model, batch)
+                window_sums += _window_nll_sums(model, batch)
                 progress_bar.update(batch.shape[0])
     finally:
         model.train(was_training)
 
     predicted_tokens = window_count * (seqlen - 1)
-    nll_mean = total_nll / predicted_tokens
+    nll_mean = sum(window_sums) / predicted_tokens
     ppl = math.exp(nll_mean) if nll_mean < 709 else math.inf  # exp overflows a float beyond ~709
-    return PerplexityResult(ppl=ppl, nll_mean=nll_mean, tokens=predicted_tokens, windows=window_count)
+    return PerplexityResult(ppl=ppl, nll_mean=nll_mean, tokens=predicted_tokens, windows=window_count,
+                            window_nll=tuple(total / (seqlen - 1) for total in window_sums))
 
 
-def _summed_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
-    """Sum over the batch of -log p(token | previous tokens of its window)."""
+def _window_nll_sums(model: torch.nn.Module, batch: torch.Tensor) -> list[float]:
+    """Per window of the batch, the sum of -log p(token | previous tokens of its window)."""
     output = model(input_ids=batch, use_cache=False)
     logits = getattr(output, "logits", None)
     if logits is None:
@@ -103,5 +105,5 @@ def _summed_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
     # avoids copying the [batch, seqlen, vocab] logits into a shifted slice.
     targets = torch.full_like(batch, -100)
     targets[:, :-1] = batch[:, 1:]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    return nll.item()
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    return nll.view(batch.shape).sum(dim=1).tolist()
