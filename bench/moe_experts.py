@@ -80,6 +80,16 @@ def comparisons(rows: list[dict]) -> list[dict]:
                 mean, low, high = paired_bootstrap(row[f"nll_{text}"], by_key[other][f"nll_{text}"])
                 entry[text] = f"{math.exp(mean):.4f} [{math.exp(low):.4f}, {math.exp(high):.4f}]"
             out.append(entry)
+    # domain calibration on its own domain: calibrated on news against calibrated on wiki
+    for (criterion, sparsity, calib, options), row in by_key.items():
+        general = by_key.get((criterion, sparsity, "wiki", options))
+        if calib == "news" and general is not None:
+            entry = {"comparison": f"{row['criterion']}: news-calibrated / wiki-calibrated", "sparsity": sparsity,
+                     "calib": "news vs wiki"}
+            for text in ("wiki", "news"):
+                mean, low, high = paired_bootstrap(row[f"nll_{text}"], general[f"nll_{text}"])
+                entry[text] = f"{math.exp(mean):.4f} [{math.exp(low):.4f}, {math.exp(high):.4f}]"
+            out.append(entry)
     return out
 
 
