@@ -44,7 +44,8 @@ def main() -> None:
                                     dtype=spec.get("dtype", "fp32"), force=True, **options)
     wall = time.perf_counter() - started
     r = result.report
-    out = {**spec, "wall_s": wall, "peak_rss_mb": peak_rss_mb(), "ru_maxrss_mb": ru_maxrss_mb(), "achieved": r["params"]["achieved_sparsity"],
+    out = {**spec, "wall_s": wall, "peak_rss_mb": peak_rss_mb(), "ru_maxrss_mb": ru_maxrss_mb(),
+           "achieved": r["params"]["achieved_sparsity"],
            "timings": r["timings_s"], "statistics_s": r["timings_s"].get("statistics"),
            "write_s": r["timings_s"].get("write"), "kept_units": r["kept_units"],
            "peak_cuda_mb": (r.get("stream_run") or {}).get("peak_cuda_mb")}

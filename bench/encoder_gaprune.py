@@ -14,9 +14,9 @@ text; and over the pydoc pairs on the calibration side that calibration did not 
 held apart from this benchmark's calibration as well, about twice as many as the evaluation side,
 so a second, less noisy domain measurement). Differences between criteria come with a 95% paired
 bootstrap interval over the queries: with ~120 queries, one query moving from rank 1 to rank 2
-changes MRR by 0.004, and intervals of +-0.03 are usual. Each configuration runs in a fresh process (wall time and peak RSS of
-compress, model load included; the second sparsity of a gradient criterion reuses the cached
-gradient statistics, marked "cached").
+changes MRR by 0.004, and intervals of +-0.03 are usual. Each configuration runs in a fresh process
+(wall time and peak RSS of compress, model load included; the second sparsity of a gradient
+criterion reuses the cached gradient statistics, marked "cached").
 
     python -m bench.encoder_gaprune                        # the full grid
     python -m bench.encoder_gaprune gaprune:0.3 fisher:0.5 # selected runs
@@ -119,7 +119,7 @@ def comparisons(rows: list[dict]) -> list[dict]:
                 if f"{name}_ranks" not in row or f"{name}_ranks" not in by_key[(other, sparsity)]:
                     continue
                 mean, low, high = paired_interval(row[f"{name}_ranks"], by_key[(other, sparsity)][f"{name}_ranks"])
-                entry[f"{name}"] = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+                entry[name] = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
             out.append(entry)
     return out
 
@@ -209,7 +209,8 @@ def main(argv: list[str]) -> None:
         print(markdown_table(intervals, INTERVAL_COLUMNS))
     if dense:
         print(f"pairs: domain {dense.get('domain_pairs')} (pydoc.txt evaluation split), unused "
-              f"{dense.get('unused_pairs')} (pydoc.txt calibration side, not drawn for calibration), general {dense.get('general_pairs')} (wiki.test.txt evaluation split)")
+              f"{dense.get('unused_pairs')} (pydoc.txt calibration side, not drawn for calibration), "
+              f"general {dense.get('general_pairs')} (wiki.test.txt evaluation split)")
     for row in rows:
         if row.get("diagnostics"):
             d = row["diagnostics"]

@@ -60,36 +60,36 @@ def children(full: bool, calib_free: bool = False, domains: tuple[str, ...] = ("
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
-    """easyep and reap against frequency (same calibration) and random, per calibration and fraction:
-    the PPL ratio over the same evaluation windows with a 95% paired bootstrap interval (< 1: better)."""
+    """easyep and reap against frequency (same calibration) and random, per calibration and fraction,
+    and each criterion calibrated on news against calibrated on wiki: the PPL ratio over the same
+    evaluation windows with a 95% paired bootstrap interval (< 1: the first is better)."""
     import math
 
     def key(row):
         return row.get("criterion"), row.get("sparsity"), row.get("calib"), json.dumps(row.get("options"))
 
+    def ratio(label: str, row: dict, other: dict, sparsity, calib) -> dict:
+        entry = {"comparison": label, "sparsity": sparsity, "calib": calib}
+        for text in ("wiki", "news"):
+            mean, low, high = paired_bootstrap(row[f"nll_{text}"], other[f"nll_{text}"])
+            entry[text] = f"{math.exp(mean):.4f} [{math.exp(low):.4f}, {math.exp(high):.4f}]"
+        return entry
+
     by_key = {key(r): r for r in rows if "nll_wiki" in r}
+    plain = json.dumps(None)
     out = []
     for (criterion, sparsity, calib, options), row in by_key.items():
         if criterion not in ("easyep", "reap") or calib is None:
             continue
-        for other in (("frequency", sparsity, calib, "null"), ("random", sparsity, None, "null")):
-            if other not in by_key:
-                continue
-            entry = {"comparison": f"{row['criterion']} / {other[0]}", "sparsity": sparsity, "calib": calib}
-            for text in ("wiki", "news"):
-                mean, low, high = paired_bootstrap(row[f"nll_{text}"], by_key[other][f"nll_{text}"])
-                entry[text] = f"{math.exp(mean):.4f} [{math.exp(low):.4f}, {math.exp(high):.4f}]"
-            out.append(entry)
+        for other in (("frequency", sparsity, calib, plain), ("random", sparsity, None, plain)):
+            if other in by_key:
+                out.append(ratio(f"{row['criterion']} / {other[0]}", row, by_key[other], sparsity, calib))
     # domain calibration on its own domain: calibrated on news against calibrated on wiki
     for (criterion, sparsity, calib, options), row in by_key.items():
         general = by_key.get((criterion, sparsity, "wiki", options))
         if calib == "news" and general is not None:
-            entry = {"comparison": f"{row['criterion']}: news-calibrated / wiki-calibrated", "sparsity": sparsity,
-                     "calib": "news vs wiki"}
-            for text in ("wiki", "news"):
-                mean, low, high = paired_bootstrap(row[f"nll_{text}"], general[f"nll_{text}"])
-                entry[text] = f"{math.exp(mean):.4f} [{math.exp(low):.4f}, {math.exp(high):.4f}]"
-            out.append(entry)
+            out.append(ratio(f"{row['criterion']}: news-calibrated / wiki-calibrated", row, general, sparsity,
+                             "news vs wiki"))
     return out
 
 
