@@ -117,7 +117,7 @@ def cmd_compress(args) -> int:
     # A lower bound of the output's size (pruning keeps at least 1 - sparsity of the layers and all
     # the rest; 0.9 absorbs the allocator's rounding): a disk too small for it fails now, not at the end.
     needed = int(0.9 * (1 - args.sparsity) * model_bytes(loaded.model)) if loaded.model is not None else 0
-    out = prepare_output(args.out, inputs=[loaded.path], force=args.force, needed_bytes=needed)
+    out = prepare_output(args.out, inputs=loaded.inputs, force=args.force, needed_bytes=needed)
     result = compress(loaded, criterion=args.criterion, sparsity=args.sparsity, allocation=args.allocation,
                       target=args.target, calib=args.calib, calib_general=args.calib_general,
                       nsamples=args.nsamples, seqlen=args.seqlen,
@@ -187,7 +187,7 @@ def cmd_export(args) -> int:
     loaded = _load(args.model, args)
     if loaded.model is None:
         raise UserError(f"{args.model} is already ONNX; export takes a PyTorch model (alias, HF or graphprune directory)")
-    out = prepare_output(args.out, inputs=[loaded.path], force=args.force)
+    out = prepare_output(args.out, inputs=loaded.inputs, force=args.force)
     source_dir = loaded.path if loaded.path.is_dir() else None
     result = export_onnx(loaded.model, out, tokenizer=loaded.tokenizer, exporter=args.exporter, opset=args.opset,
                          atol=args.atol, force=args.force, source_dir=source_dir)
@@ -203,7 +203,7 @@ def _compress_onnx(args, loaded) -> int:
         raise UserError("--export applies to PyTorch models; an ONNX input is written as ONNX already")
     if args.sequential:
         raise UserError("--sequential runs PyTorch blocks one by one; it is not available for ONNX input")
-    out = prepare_output_file(args.out, inputs=[loaded.path], force=args.force)
+    out = prepare_output_file(args.out, inputs=loaded.inputs, force=args.force)
     result = compress_onnx(loaded.onnx_model, criterion=args.criterion, sparsity=args.sparsity,
                            allocation=args.allocation or "global", target=args.target, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, compensate=args.compensate, round_to=args.round_to,

@@ -77,6 +77,11 @@ def check_external_data(proto: onnx.ModelProto, model_dir: Path | None, source: 
 
 def load_checked(path: str | Path, *, load_data: bool = True) -> onnx.ModelProto:
     """Load an ONNX file after checking its opset and external data (see the module docstring)."""
+    return load_checked_with_files(path, load_data=load_data)[0]
+
+
+def load_checked_with_files(path: str | Path, *, load_data: bool = True) -> tuple[onnx.ModelProto, list[Path]]:
+    """`load_checked`, plus the external data files the model reads (resolved paths)."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"ONNX file not found: {path}")
@@ -86,13 +91,13 @@ def load_checked(path: str | Path, *, load_data: bool = True) -> onnx.ModelProto
         raise ModelLoadError(f"{path} is not a readable ONNX model (corrupt or truncated?): "
                              f"{_first_line(exc)}") from exc
     check_opset(proto, str(path))
-    check_external_data(proto, path.parent, str(path))
+    files = check_external_data(proto, path.parent, str(path))
     if load_data:
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:  # noqa: BLE001 - short files
             raise ModelLoadError(f"{path}: cannot read its external data: {_first_line(exc)}") from exc
-    return proto
+    return proto, files
 
 
 def weight_bytes(proto: onnx.ModelProto) -> int:
@@ -132,21 +137,10 @@ def save_model_atomically(proto: onnx.ModelProto, out: Path, *, force: bool = Fa
 
 
 def prepare_output_file(out: str | Path, *, inputs: list[Path] = (), force: bool = False) -> Path:
-    """Check an output .onnx file location before any work."""
-    out = Path(out).expanduser().resolve()
-    if out.suffix.lower() != ".onnx":
-        raise OutputError(f"output {out} must be an .onnx file")
-    for src in inputs:
-        if out == Path(src).expanduser().resolve():
-            raise OutputError(f"output {out} is the input; choose another --out")
-    if out.exists() and (out.is_dir() or not force):
-        raise OutputError(f"output {out} exists; pass --force to replace it" if not out.is_dir()
-                          else f"output {out} is a directory")
-    if not out.parent.is_dir():
-        raise OutputError(f"parent directory of {out} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"cannot write to {out.parent}")
-    return out
+    """Check an output .onnx file location before any work (`io.paths.check_output`)."""
+    from .io.paths import check_output
+
+    return check_output(out, inputs=inputs, force=force, kind="onnx")
 
 
 # ---------------------------------------------------------------------------- onnxruntime

@@ -159,9 +159,15 @@ def test_output_must_not_be_the_input_nor_a_non_empty_directory(model_dir, calib
     assert_user_error(run("compress", model_dir, "--criterion", "magnitude", "--out", occupied), "--force")
     assert (occupied / "keep.txt").read_text() == "mine"
     assert digest(model_dir) == before
-    result = run("compress", model_dir, "--criterion", "magnitude", "--out", occupied, "--force", "--quiet")
-    assert result.returncode == 0, result.stderr
-    assert not (occupied / "keep.txt").exists() and (occupied / "config.json").exists()
+    # --force replaces graphprune's own output only, never a directory of the user's
+    assert_user_error(run("compress", model_dir, "--criterion", "magnitude", "--out", occupied, "--force"),
+                      "was not written by graphprune")
+    assert (occupied / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    for _ in range(2):
+        result = run("compress", model_dir, "--criterion", "magnitude", "--out", ours, "--force", "--quiet")
+        assert result.returncode == 0, result.stderr
+    assert (ours / "config.json").exists()
 
 
 def test_removing_every_unit_is_refused(model_dir, tmp_path):

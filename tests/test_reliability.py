@@ -650,19 +650,99 @@ def test_file_size_limit_while_writing_leaves_no_partial_output(model_dir, tmp_p
     assert_no_output(out)
 
 
+def _user_files(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "mine.txt").write_text("keep me")
+    (directory / "sub").mkdir(exist_ok=True)
+    (directory / "sub" / "notes.txt").write_text("and me")
+    return directory
+
+
+@pytest.mark.parametrize("out", ["", " ", "."], ids=["empty", "blank", "dot"])
+def test_force_never_replaces_the_current_directory(graphprune, model_dir, tmp_path, monkeypatch, out):
+    """`--out "$OUT" --force` with OUT unset once wiped the working directory and put the model there."""
+    home = _user_files(tmp_path / "home")
+    monkeypatch.chdir(home)
+    before = digest(home)
+    line = assert_refused(graphprune(*compress_args(model_dir, out, "--force")))
+    assert ("--out is empty" in line) if not out.strip() else ("is the current directory" in line), line
+    assert digest(home) == before
+
+
+def test_force_replaces_only_what_graphprune_wrote(graphprune, model_dir, tmp_path, monkeypatch):
+    theirs = _user_files(tmp_path / "theirs")
+    before = digest(theirs)
+    assert_refused(graphprune(*compress_args(model_dir, theirs, "--force")), "was not written by graphprune",
+                   "remove it yourself or choose another --out")
+    assert digest(theirs) == before
+    # the home directory, a parent of the working directory and / are refused before anything else
+    monkeypatch.setenv("HOME", str(theirs))
+    assert_refused(graphprune(*compress_args(model_dir, theirs, "--force")), "is your home directory")
+    monkeypatch.chdir(theirs / "sub")
+    assert_refused(graphprune(*compress_args(model_dir, theirs, "--force")), "is your home directory")
+    assert_refused(graphprune(*compress_args(model_dir, "..", "--force")), "is your home directory")
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    assert_refused(graphprune(*compress_args(model_dir, "..", "--force")), "a parent of it")
+    assert_refused(graphprune(*compress_args(model_dir, "/", "--force")), "filesystem root")
+    assert digest(theirs) == before
+    # graphprune's own output is replaced
+    ours = tmp_path / "ours"
+    assert graphprune(*compress_args(model_dir, ours)).code == 0
+    (ours / "extra.txt").write_text("left by the user in graphprune's output")
+    assert graphprune(*compress_args(model_dir, ours, "--force")).code == 0
+    assert not (ours / "extra.txt").exists() and (ours / "graphprune_report.json").is_file()
+
+
+def _move_external_data(model: Path, location: str) -> None:
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    entry = next(e for e in proto.graph.initializer[0].external_data if e.key == "location")
+    (model.parent / entry.value).rename(model.parent / location)
+    entry.value = location
+    onnx.save(proto, str(model))
+
+
+def test_onnx_output_never_lands_on_a_file_the_input_reads(graphprune, onnx_dir, tmp_path):
+    """Writing the pruned model over the input's external data once left an input that outputs NaN."""
+    model = onnx_dir / "model.onnx"
+
+    def compress(out):
+        return graphprune("compress", model, "--criterion", "magnitude", "--sparsity", "0.3", "--out", out,
+                          "--force", "--quiet")
+
+    _move_external_data(model, "weights.onnx")
+    before = digest(onnx_dir)
+    assert_refused(compress(onnx_dir / "weights.onnx"), "is a file the input reads (weights.onnx)")
+    assert_refused(compress(model), "is a file the input reads (model.onnx)")
+    assert digest(onnx_dir) == before
+    # an output whose own external data file (`<name>_data`) would be the input's
+    _move_external_data(model, "pruned.onnx_data")
+    before = digest(onnx_dir)
+    assert_refused(compress(onnx_dir / "pruned.onnx"), "is a file the input reads (pruned.onnx_data)")
+    assert digest(onnx_dir) == before
+    # an existing .onnx file that graphprune did not write is not replaced
+    theirs = tmp_path / "theirs.onnx"
+    theirs.write_bytes(model.read_bytes())
+    assert_refused(compress(theirs), "was not written by graphprune")
+    assert theirs.read_bytes() == model.read_bytes()
+    assert digest(onnx_dir) == before
+
+
 def test_existing_output_survives_a_failed_forced_write(graphprune, model_dir, tmp_path, monkeypatch):
     import transformers.modeling_utils as modeling_utils
 
     occupied = tmp_path / "occupied"
-    occupied.mkdir()
+    assert graphprune(*compress_args(model_dir, occupied)).code == 0
     (occupied / "mine.txt").write_text("keep me")
+    kept = sorted(p.name for p in occupied.iterdir())
 
     def enospc(tensors, filename, metadata=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", enospc)
     assert_refused(graphprune(*compress_args(model_dir, occupied, "--force")), "No space left on device")
-    assert [p.name for p in occupied.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in occupied.iterdir()) == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
 
 

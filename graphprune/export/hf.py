@@ -24,23 +24,13 @@ REPORT_FILE, RUN_FILE = "graphprune_report.json", "graphprune_run.json"
 
 
 def prepare_output(out: str | Path, *, inputs: list[Path] = (), force: bool = False, needed_bytes: int = 0) -> Path:
-    """Check the output location before any work: never the input, never a non-empty dir without force,
-    and at least `needed_bytes` free (a lower bound of the output's size, so a run that could fit is
-    never refused)."""
-    out = Path(out).expanduser().resolve()
-    for src in inputs:
-        src = Path(src).expanduser().resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise OutputError(f"output {out} overlaps the input {src}; choose another --out")
-    if out.exists():
-        if not out.is_dir():
-            raise OutputError(f"output {out} exists and is not a directory")
-        if any(out.iterdir()) and not force:
-            raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
-    if not out.parent.exists():
-        raise OutputError(f"parent directory of {out} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"cannot write to {out.parent}")
+    """Check the output location before any work (`io.paths.check_output`: never the input, never a
+    non-empty directory without force, and with force only graphprune's own output) and that at least
+    `needed_bytes` are free (a lower bound of the output's size, so a run that could fit is never
+    refused)."""
+    from ..io.paths import check_output
+
+    out = check_output(out, inputs=inputs, force=force)
     if needed_bytes:
         require_free_space(out.parent, needed_bytes, what="the pruned model")
     return out
@@ -56,7 +46,9 @@ def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = Non
     writes more files into that directory before it is renamed (the ONNX export of compress
     --export onnx): when it fails, nothing is written.
     """
-    out = Path(out).expanduser().resolve()
+    from ..io.paths import check_output
+
+    out = check_output(out, inputs=[source_dir] if source_dir is not None else [], force=force)
     require_free_space(out.parent, model_bytes(model) + OUTPUT_FILES_SLACK_BYTES, what=f"the pruned model to {out}")
     with _write_errors_as_output_errors(out):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

@@ -338,7 +338,9 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = Non
                 source_dir: Path | None = None) -> OnnxExport:
     """Export into the directory `out` (model.onnx + config + tokenizer), atomically: a temporary
     sibling directory replaces `out` only after the parity check passed."""
-    out = Path(out).expanduser().resolve()
+    from ..io.paths import check_output
+
+    out = check_output(out, inputs=[source_dir] if source_dir is not None else [], force=force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         result = write_onnx(model, tmp, exporter=exporter, opset=opset, atol=atol, tokenizer=tokenizer)

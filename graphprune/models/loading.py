@@ -80,6 +80,14 @@ class LoadedModel:
     name: str
     config: PretrainedConfig | None
     hf_dir: Path | None = None
+    # Every other file or directory the model was read from (an ONNX model's external data): an
+    # output may never be written over any of them.
+    extra_inputs: tuple[Path, ...] = ()
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Everything this model was read from (`path`, `hf_dir`, `extra_inputs`)."""
+        return [self.path, *([self.hf_dir] if self.hf_dir is not None else []), *self.extra_inputs]
 
     @property
     def is_sentence_transformers(self) -> bool:
@@ -516,10 +524,10 @@ def _remove_stale_conversions(cache_dir: Path) -> None:
 def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
     import onnx
 
-    from ..onnx_io import load_checked
+    from ..onnx_io import load_checked_with_files
 
     # opset within the rules' range; external data present and inside the model's directory
-    onnx_model = load_checked(onnx_path)
+    onnx_model, data_files = load_checked_with_files(onnx_path)
     try:
         # The path form also works for models over 2 GB with external data.
         onnx.checker.check_model(str(onnx_path))
@@ -534,6 +542,7 @@ def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
         name=name,
         config=None,
         hf_dir=None,
+        extra_inputs=tuple(data_files),
     )
 
 

@@ -1,0 +1,1 @@
+"""Files in and out: which paths may be written or read (`paths`)."""
