@@ -19,10 +19,10 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(int(spec.get("threads", 2)))
     started = time.perf_counter()
-    from graphprune.data.calibration import read_text_file
-    from graphprune.data.perplexity import perplexity
+    from graphprune.calibration.text import read_text_file
+    from graphprune.evaluate.perplexity import perplexity
     from graphprune.models import load_model
-    from graphprune.pipeline import compress
+    from graphprune.pipeline.run import compress
 
     loaded = load_model(spec.get("model", "smollm2-135m"))
     out = {**spec}

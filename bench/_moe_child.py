@@ -22,7 +22,7 @@ NEWS_CALIB_FROM = 0.35  # calibration uses news.txt from here on; evaluation its
 def calibration_sources(names: str | None, tmp: Path) -> list[str]:
     sources = []
     for name in (names or "").split("+"):
-        if name == "none":  # self-generated (graphprune.data.selfgen)
+        if name == "none":  # self-generated (graphprune.calibration.selfgen)
             sources.append("none")
         elif name == "wiki":
             sources.append(str(data_file("wiki.train.txt")))
@@ -38,9 +38,9 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(int(spec.get("threads", 2)))
     from bench.moe_fixture import cache_path
-    from graphprune.data.calibration import load_calibration, needs_bos, read_text_file
-    from graphprune.data.perplexity import perplexity
-    from graphprune.data.selfgen import self_generated
+    from graphprune.calibration.text import load_calibration, needs_bos, read_text_file
+    from graphprune.evaluate.perplexity import perplexity
+    from graphprune.calibration.selfgen import self_generated
     from graphprune.graph import analyze
     from graphprune.models import load_model
     from graphprune.moe import collect_expert_stats, find_expert_layers, prune_experts

@@ -30,15 +30,15 @@ def main() -> None:
                    nsamples=spec["nsamples"],
                    seqlen=spec["seqlen"], progress=False)
     if spec.get("mode") == "memory":
-        from graphprune.export import save_pruned
+        from graphprune.io.hf import save_pruned
         from graphprune.models import load_model
-        from graphprune.pipeline import compress
+        from graphprune.pipeline.run import compress
 
         loaded = load_model(spec["model"])
         result = compress(loaded, use_cache=False, release_input=True, **options)
         save_pruned(result.model, spec["out"], tokenizer=loaded.tokenizer, report=result.report, force=True)
     else:
-        from graphprune.stream import compress_streaming
+        from graphprune.pipeline.run import compress_streaming
 
         result = compress_streaming(spec["model_dir"], spec["out"], device=spec.get("device", "cpu"),
                                     dtype=spec.get("dtype", "fp32"), force=True, **options)

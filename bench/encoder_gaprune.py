@@ -58,9 +58,10 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(int(spec.get("threads", 2)))
     started = time.perf_counter()
-    from graphprune.embedding import pooling_of, retrieval
+    from graphprune.models.encoders import pooling_of
+    from graphprune.evaluate.retrieval import retrieval
     from graphprune.models import load_model
-    from graphprune.pipeline import compress
+    from graphprune.pipeline.run import compress
 
     loaded = load_model("minilm-l6")
     pooling = pooling_of(loaded.path)
@@ -91,7 +92,7 @@ def evaluation_sets() -> dict:
     """domain: the evaluation side of pydoc.txt's pair split; unused: the calibration side's pairs
     that calibration did not draw (held apart from this benchmark's calibration too, and twice as
     many); general: the evaluation side of wiki.test.txt."""
-    from graphprune.data.pairs import load_pairs
+    from graphprune.calibration.pairs import load_pairs
 
     drawn = set(load_pairs(data_file("pydoc.txt"), "calibration", limit=CALIB["nsamples"], seed=CALIB["seed"]))
     return {"domain": load_pairs(data_file("pydoc.txt"), "evaluation", seed=0),
@@ -131,10 +132,10 @@ def public_alignment_scale(pairs: int = 64) -> None:
     cosine gaprune uses."""
     import numpy as np
 
-    from graphprune.calibration_sets import calibration_set
-    from graphprune.embedding import pooling_of
+    from graphprune.calibration.sets import calibration_set
+    from graphprune.models.encoders import pooling_of
     from graphprune.graph import analyze
-    from graphprune.gradients import unit_alignment, unit_gradients
+    from graphprune.calibration.gradients import unit_alignment, unit_gradients
     from graphprune.models import load_model
 
     loaded = load_model("minilm-l6")

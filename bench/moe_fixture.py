@@ -110,7 +110,7 @@ def build(force: bool = False) -> Path:
         return out
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    from graphprune.data.calibration import load_calibration
+    from graphprune.calibration.text import load_calibration
     from graphprune.models import load_model
     from graphprune.passes.config import instantiate
 
@@ -185,8 +185,8 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     path = build(force="--force" in argv)
     print(f"fixture: {path} ({time.perf_counter() - started:.0f}s)")
-    from graphprune.data.calibration import read_text_file
-    from graphprune.data.perplexity import perplexity
+    from graphprune.calibration.text import read_text_file
+    from graphprune.evaluate.perplexity import perplexity
     from graphprune.models import load_model
 
     text = read_text_file(data_file("wiki.test.txt"))

@@ -35,8 +35,8 @@ SHAPES = [(1, 512), (8, 128)]
 def parity_on(model, onnx_path: Path, ids: torch.Tensor) -> dict[str, float]:
     """Max abs logit differences on `ids`: onnxruntime vs PyTorch fp64 and vs PyTorch fp32, and
     PyTorch fp32 vs fp64 (the rounding the fp32 model has anyway)."""
-    from graphprune.export.onnx import _float64
-    from graphprune.onnx_io import session, token_feeds
+    from graphprune.io.onnx_export import _float64
+    from graphprune.io.onnx_files import session, token_feeds
 
     sess = session(onnx_path)
     got = sess.run(["logits"], token_feeds(sess, ids.numpy()))[0].astype(np.float64)
@@ -60,9 +60,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from graphprune import compress, load_model, load_pruned, save_pruned
-    from graphprune.bench_onnx import measure
-    from graphprune.data.calibration import read_text_file
-    from graphprune.export.onnx import export_onnx
+    from graphprune.evaluate.onnx_bench import measure
+    from graphprune.calibration.text import read_text_file
+    from graphprune.io.onnx_export import export_onnx
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="graphprune-onnx-bench-"))
     work.mkdir(parents=True, exist_ok=True)

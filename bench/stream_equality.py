@@ -44,9 +44,9 @@ def main(argv: list[str]) -> None:
             sys.exit(f"{name} run failed: {row['error']}")
     import torch
 
-    from graphprune.data.calibration import read_text_file
-    from graphprune.data.perplexity import perplexity
-    from graphprune.export import load_pruned
+    from graphprune.calibration.text import read_text_file
+    from graphprune.evaluate.perplexity import perplexity
+    from graphprune.io.hf import load_pruned
 
     a, b = load_pruned(work / "memory").state_dict(), load_pruned(work / "stream").state_dict()
     same_names = a.keys() == b.keys()

@@ -23,7 +23,7 @@ Configurations (`units:target`):
 Each configuration runs in its own process (`--child`) so that peak RSS is that configuration's
 alone. Prune time is the Torch-Pruning part (MetaPruner construction, which traces the
 DependencyGraph, plus `step()`); total time adds model loading. Peak RSS is read right after
-pruning, before evaluation. PPL: graphprune.data.perplexity on wiki.test.txt (32 x 512 tokens).
+pruning, before evaluation. PPL: graphprune.evaluate.perplexity on wiki.test.txt (32 x 512 tokens).
 The pruned model is then saved with save_pretrained and reloaded with transformers to check that
 a standard config describes it ("reloads").
 
@@ -85,8 +85,8 @@ def child(spec: dict) -> None:
 
     import transformers
 
-    from graphprune.data.calibration import read_text_file, tokenize_text
-    from graphprune.data.perplexity import perplexity
+    from graphprune.calibration.text import read_text_file, tokenize_text
+    from graphprune.evaluate.perplexity import perplexity
     from graphprune.models import load_model
 
     out = {**spec, "torch_pruning": version("torch-pruning"), "transformers": transformers.__version__,

@@ -3,18 +3,68 @@
 ``--sparsity`` is the fraction of decoder-layer parameters removed (embeddings and the LM head
 excluded). Every allocator returns ``{group id: sorted array of removed unit indices}`` and never
 removes the last `floor` units of a group.
+
+Allocators are registered by name (`@register`, or the ``graphprune.allocations`` entry-point
+group) with what they need computed besides the criterion's scores (`criteria.base.Need`: cfsp
+reads the block angles).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 
 import numpy as np
 
-from .errors import PruningError
+from .criteria.base import Need
+from .errors import PruningError, UserError
 from .graph.groups import Group
 
-ALLOCATIONS = ("uniform", "global", "cfsp")
+
+@dataclass(frozen=True)
+class Allocator:
+    name: str
+    needs: Need
+    run: Callable  # (groups, scores, comparable, target, floor, round_to, block_importance) -> Allocation
+    summary: str
+
+
+_REGISTRY: dict[str, Allocator] = {}
+
+
+def register(name: str, *, needs: Need = Need.NONE, summary: str = ""):
+    """Decorator: register an allocator function under `name`."""
+    def add(run: Callable) -> Callable:
+        _REGISTRY[name] = Allocator(name, needs, run, summary or (run.__doc__ or "").strip().splitlines()[0])
+        return run
+    return add
+
+
+def _load_entry_points() -> None:
+    try:
+        entries = metadata.entry_points(group="graphprune.allocations")
+    except Exception:  # noqa: BLE001 - a broken environment must not hide the built-ins
+        return
+    for entry in entries:
+        if entry.name not in _REGISTRY:
+            try:
+                allocator = entry.load()
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(f"allocation plugin '{entry.name}' ({entry.value}) failed to load: {exc}") from exc
+            _REGISTRY[entry.name] = allocator
+
+
+def available() -> list[str]:
+    _load_entry_points()
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Allocator:
+    names = available()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown --allocation '{name}' (choose from {', '.join(names)})")
+    return _REGISTRY[name]
 
 
 @dataclass
@@ -24,7 +74,7 @@ class Allocation:
     notes: list[str] = field(default_factory=list)
 
 
-def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
+def lowest(scores: np.ndarray, count: int) -> np.ndarray:
     # Stable order: ties are broken by unit index, so runs are deterministic.
     order = np.lexsort((np.arange(len(scores)), scores))
     return np.sort(order[:count])
@@ -64,8 +114,7 @@ def allocate(groups: list[Group], scores: dict[str, np.ndarray], *, method: str,
              block_importance: dict[int, float] | None = None,
              comparable: dict[str, np.ndarray] | None = None) -> Allocation:
     """Decide which units to remove so that `sparsity` × `total_params` parameters go."""
-    if method not in ALLOCATIONS:
-        raise PruningError(f"unknown allocation '{method}' (choose from {', '.join(ALLOCATIONS)})")
+    allocator = get(method)
     target = sparsity * total_params
     prunable = sum(g.units * g.params_per_unit for g in groups)
     if prunable <= 0:
@@ -74,18 +123,11 @@ def allocate(groups: list[Group], scores: dict[str, np.ndarray], *, method: str,
         raise PruningError(f"sparsity {sparsity} needs {target:,.0f} parameters removed but the selected groups "
                            f"hold only {prunable:,} (keeping {floor} unit(s) per group): lower --sparsity or "
                            f"widen --target")
-    if method == "global":
-        if comparable is None:
-            comparable = _standardise_per_kind(groups, scores)
-        return _global(groups, scores, comparable, target, floor, round_to)
-    if method == "cfsp":
-        if not block_importance:
-            raise PruningError("the cfsp allocation needs block angles from calibration (criterion cfsp)")
-        return _by_block(groups, scores, target, floor, round_to, block_importance)
-    return _uniform(groups, scores, target, floor, round_to)
+    return allocator.run(groups, scores, comparable, target, floor, round_to, block_importance)
 
 
-def _uniform(groups, scores, target, floor, round_to) -> Allocation:
+@register("uniform")
+def _uniform(groups, scores, comparable, target, floor, round_to, block_importance) -> Allocation:
     """Same fraction in every layer and kind; the coarse kinds (heads) are rounded first and the
     fine-grained channels absorb the rounding so the total lands on the target."""
     alloc = Allocation({})
@@ -98,7 +140,7 @@ def _uniform(groups, scores, target, floor, round_to) -> Allocation:
         # Rounded down, as FLAP's uniform baselines do (int(ratio * heads)): a third of the attention
         # for 20% is far too much; the channels absorb the difference.
         n = _keep_rounded(g.units, int(fraction * g.units + 1e-9), floor, round_to if g.kind == "channel" else 1)
-        alloc.removed[g.id] = _lowest(scores[g.id], n)
+        alloc.removed[g.id] = lowest(scores[g.id], n)
         removed += n * g.params_per_unit
     if fine:
         fine_params = sum(g.units * g.params_per_unit for g in fine)
@@ -108,14 +150,17 @@ def _uniform(groups, scores, target, floor, round_to) -> Allocation:
             n = _keep_rounded(g.units, want, floor, round_to)
             if n < want:
                 alloc.floored.append(g.id)
-            alloc.removed[g.id] = _lowest(scores[g.id], n)
+            alloc.removed[g.id] = lowest(scores[g.id], n)
     return alloc
 
 
-def _global(groups, scores, comparable, target, floor, round_to) -> Allocation:
+@register("global")
+def _global(groups, scores, comparable, target, floor, round_to, block_importance) -> Allocation:
     """FLAP's AL-AM: standardised scores (per layer, from the criterion) of every unit of every
     kind ranked together, lowest first, each weighted by its parameter cost, until the target is
     removed."""
+    if comparable is None:
+        comparable = _standardise_per_kind(groups, scores)
     alloc = Allocation({})
     items = []  # (comparable score, cost, group id, unit)
     for g in groups:
@@ -149,9 +194,12 @@ def _global(groups, scores, comparable, target, floor, round_to) -> Allocation:
     return alloc
 
 
-def _by_block(groups, scores, target, floor, round_to, importance) -> Allocation:
+@register("cfsp", needs=Need.BLOCK_ANGLES)
+def _by_block(groups, scores, comparable, target, floor, round_to, importance) -> Allocation:
     """CFSP's coarse step: a block that changes its input less (small angle) is pruned harder.
     Block b gets fraction f_b ∝ 1/angle_b, scaled so the total matches the target."""
+    if not importance:
+        raise PruningError("the cfsp allocation needs block angles from calibration (criterion cfsp)")
     alloc = Allocation({})
     layers = sorted({g.layer for g in groups if g.layer is not None})
     inv = {l: 1.0 / max(importance.get(l, np.mean(list(importance.values()))), 1e-12) for l in layers}
@@ -168,6 +216,6 @@ def _by_block(groups, scores, target, floor, round_to, importance) -> Allocation
     for g in groups:
         f = min(0.95, hi * weight.get(g.layer, 1.0))
         n = _keep_rounded(g.units, int(round(f * g.units)), floor, round_to)
-        alloc.removed[g.id] = _lowest(scores[g.id], n)
+        alloc.removed[g.id] = lowest(scores[g.id], n)
     alloc.notes.append("block fractions: " + ", ".join(f"{l}:{min(0.95, hi * weight[l]):.2f}" for l in layers))
     return alloc

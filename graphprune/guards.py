@@ -49,9 +49,14 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+def free_bytes(directory: str | Path) -> int:
+    """Free bytes on the filesystem of `directory` (the seam `testing.faults.disk_free` replaces)."""
+    return shutil.disk_usage(directory).free
+
+
 def require_free_space(directory: str | Path, needed: int, *, what: str) -> None:
     """Raise OutputError unless the filesystem of `directory` has `needed` bytes free."""
-    free = shutil.disk_usage(directory).free
+    free = free_bytes(directory)
     if free < needed:
         raise OutputError(f"not enough free disk space in {directory} to write {what}: about {_mb(needed)} needed, "
                           f"{_mb(free)} free; nothing was written")

@@ -22,8 +22,21 @@ def register(cls: type[Criterion]) -> type[Criterion]:
 
 
 def _load_builtin() -> None:
-    from . import (cfsp, easyep, fisher, flap, frequency, gaprune, magnitude, obs, random_experts,  # noqa: F401
-                   reap, spectral, taylor, wanda_sp)
+    from . import (
+        cfsp,
+        easyep,
+        fisher,
+        flap,
+        frequency,
+        gaprune,
+        magnitude,
+        obs,
+        random_experts,
+        reap,
+        spectral,
+        taylor,
+        wanda_sp,
+    )
 
 
 def _load_entry_points() -> None:

@@ -1,15 +1,58 @@
-"""What a criterion sees and the helpers they share."""
+"""What a criterion sees, what it declares (`Need`, `Form`), and the helpers criteria share."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ..calibrate import Calibration, InputStats
+from ..calibration.stats import Calibration, InputStats
 from ..graph.groups import Group, GroupSet, ParamSlice
+
+
+class Need(enum.Flag):
+    """What must be computed before a criterion can score (or a compensation can run). The driver
+    reads these flags and nothing else to decide what calibration runs."""
+
+    NONE = 0
+    ACTIVATIONS = enum.auto()  # per input channel statistics of the consumer layers (one forward)
+    BLOCK_ANGLES = enum.auto()  # per block: Σ_t arccos(cos(input, output)) (CFSP)
+    GRADIENTS = enum.auto()  # per unit gradient statistics of the calibration loss
+    GENERAL_GRADIENTS = enum.auto()  # the same on a second, general calibration set (GAPrune)
+    GRAMS = enum.auto()  # Gram matrices of layer inputs, block by block (least squares, OBS, --sequential)
+    EXPERT_ROUTING = enum.auto()  # routing statistics of MoE layers (expert criteria)
+
+    @classmethod
+    def of(cls, value: Any) -> "Need":
+        """A `Need` from a Need or from names ("activations", "gram", ... as plugins may declare)."""
+        if isinstance(value, cls):
+            return value
+        aliases = {"gram": "GRAMS", "grams": "GRAMS"}
+        out = cls.NONE
+        for name in value or ():
+            key = aliases.get(str(name).lower(), str(name).upper())
+            if key not in cls.__members__:
+                raise ValueError(f"unknown need {name!r}")
+            out |= cls[key]
+        return out
+
+    def within(self, other: "Need") -> bool:
+        """Every flag of this set is in `other`."""
+        return not (self & ~other)
+
+    def names(self) -> list[str]:
+        return [n.name.lower() for n in type(self) if n.name and n.value and n in self]
+
+
+class Form(enum.Enum):
+    """How a criterion is scored (`criteria.scoring` dispatches on it)."""
+
+    UNITS = "units"  # score(group, ctx) for each group
+    BLOCKS = "blocks"  # score_blocks(block source, groups, params): all groups of a block together
+    EXPERT_LAYERS = "expert-layers"  # score_layer(layer, routing statistics) per MoE layer
 
 
 @dataclass
@@ -63,8 +106,8 @@ class Criterion:
     """Scores units of groups. Subclasses set `name`, `needs`, and implement `score`."""
 
     name: ClassVar[str] = ""
-    # subset of {"activations", "gradients", "general_gradients", "block_angles"}
-    needs: ClassVar[frozenset[str]] = frozenset()
+    needs: ClassVar[Need] = Need.NONE
+    form: ClassVar[Form] = Form.UNITS
 
     # Option names this criterion reads, with what each means (shown by `graphprune criteria`);
     # anything else is refused, so a misspelt option never silently falls back to a default.
@@ -82,9 +125,17 @@ class Criterion:
     def score(self, group: Group, ctx: ScoringContext) -> np.ndarray:
         raise NotImplementedError
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.needs = Need.of(cls.__dict__.get("needs", cls.needs))  # plugins may declare names
+
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise a UserError if this criterion (with its options) cannot score `model`; called
         before any calibration runs."""
+
+    def check_compensation(self, compensate: str) -> None:
+        """Raise a UserError if this criterion cannot be used with `compensate` (checked with the
+        options, before the model loads)."""
 
     def diagnostics(self, groups: list[Group], ctx: ScoringContext) -> dict | None:
         """What the run report should say about how the criterion scored (None: nothing)."""
@@ -138,7 +189,7 @@ class ChannelCriterion(Criterion):
     1536-channel one.
     """
 
-    needs = frozenset({"activations"})
+    needs = Need.ACTIVATIONS
 
     def column_metric(self, stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -178,7 +229,8 @@ class ExpertCriterion(Criterion):
     counts equally whatever its raw scale.
     """
 
-    needs = frozenset({"expert_routing"})
+    needs = Need.EXPERT_ROUTING
+    form = Form.EXPERT_LAYERS
 
     def from_stats(self, stats) -> np.ndarray:
         """One score per expert from one domain's `ExpertStats`."""

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from . import register
-from .base import ChannelCriterion
+from .base import ChannelCriterion, Need
 
 
 @register
@@ -19,7 +19,7 @@ class CFSP(ChannelCriterion):
     """
 
     name = "cfsp"
-    needs = frozenset({"activations", "block_angles"})
+    needs = Need.ACTIVATIONS | Need.BLOCK_ANGLES
 
     def column_metric(self, st, w):
         row_relative = w.abs() / w.abs().sum(1, keepdim=True).clamp_min(1e-30)

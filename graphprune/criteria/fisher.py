@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from . import register
-from .base import Criterion
+from .base import Criterion, Need
 
 
 @register
@@ -15,7 +15,7 @@ class Fisher(Criterion):
     """
 
     name = "fisher"
-    needs = frozenset({"gradients"})
+    needs = Need.GRADIENTS
 
     def score(self, group, ctx):
         stats = ctx.unit_gradients[group.id]

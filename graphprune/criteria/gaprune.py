@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import register
-from .base import Criterion
+from .base import Criterion, Need
 
 
 def _mean_fisher(stats: dict) -> np.ndarray:
@@ -62,7 +62,7 @@ class GAPrune(Criterion):
     name = "gaprune"
     option_help = {"general_weight": "weight λ of the general-domain Fisher (0.5)",
                    "alignment_weight": "weight α of the domain/general gradient alignment (0.5)"}
-    needs = frozenset({"gradients", "general_gradients"})
+    needs = Need.GRADIENTS | Need.GENERAL_GRADIENTS
 
     def _weights(self) -> tuple[float, float]:
         return float(self.options.get("general_weight", 0.5)), float(self.options.get("alignment_weight", 0.5))

@@ -5,11 +5,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..calibrate import read_cache_entry, write_cache_tensors
+from ..calibration.cache import read_cache_entry, write_cache_tensors
 from ..errors import UserError
-from ..passes import lsq
+from ..solvers import lsq
 from . import register
-from .base import Criterion, MissingStatistics, module_of
+from .base import Criterion, Form, MissingStatistics, Need, module_of
 
 SCALES = ("fisher", "residual", "output", "none")
 # Measured on SmolLM2-135M (README): the loss-Fisher weighting is the best global ranking at 20%
@@ -126,7 +126,8 @@ class StructuredOBS(Criterion):
     """
 
     name = "obs"
-    needs = frozenset({"gram"})
+    needs = Need.GRAMS
+    form = Form.BLOCKS
     option_help = {"scale": "fisher (default; needs an LM loss), residual (default without one), output or none",
                    "damp": "fraction of mean diag H added before inverting (0.01)",
                    "steps": "greedy error snapshots per group (64)"}
@@ -153,6 +154,11 @@ class StructuredOBS(Criterion):
 
     def check_model(self, model):
         self.scale_for(model)
+
+    def check_compensation(self, compensate: str) -> None:
+        if compensate != "lsq":
+            raise UserError("criterion 'obs' chooses units for a least-squares update: use --compensate lsq (its "
+                            "default)")
 
     @property
     def damp(self) -> float:

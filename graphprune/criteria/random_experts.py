@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import register
-from .base import ExpertCriterion
+from .base import ExpertCriterion, Need
 
 
 @register
@@ -15,7 +15,7 @@ class RandomExperts(ExpertCriterion):
 
     name = "random"
     option_help = {"seed": "random seed (0)"}
-    needs = frozenset()
+    needs = Need.NONE
 
     def score_layer(self, layer, domains):
         rng = np.random.default_rng([int(self.options.get("seed", 0)), int(layer.layer)])

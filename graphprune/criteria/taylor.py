@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import register
-from .base import Criterion
+from .base import Criterion, Need
 
 
 @register
@@ -16,7 +16,7 @@ class Taylor(Criterion):
     """
 
     name = "taylor"
-    needs = frozenset({"gradients"})
+    needs = Need.GRADIENTS
 
     def score(self, group, ctx):
         return np.abs(ctx.unit_gradients[group.id]["sum"])

@@ -267,6 +267,11 @@ def _flop_ops(graph: Graph, prop: Propagation):
         yield total, axes
 
 
+def flops_per_token(groups: "GroupSet") -> float:
+    """Multiply-add FLOPs of one forward, per traced token (per example for non-token inputs)."""
+    return sum(total for total, _ in _flop_ops(groups.graph, groups.propagation)) / max(groups.tokens, 1)
+
+
 def flop_terms(graph: Graph, prop: Propagation):
     """(op, total FLOPs over the traced tokens, iteration-axis layouts) for every op that does
     multiply-adds."""

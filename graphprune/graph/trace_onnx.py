@@ -115,7 +115,7 @@ def _load(model: Any) -> tuple[onnx.ModelProto, str | None, str]:
                          f"{type(exc).__name__}: {first}") from exc
     from pathlib import Path
 
-    from ..onnx_io import check_external_data
+    from ..io.onnx_files import check_external_data
 
     base_dir = os.path.dirname(os.path.abspath(path))
     check_external_data(proto, Path(base_dir), path)  # missing files, paths leaving the directory
@@ -268,7 +268,7 @@ def _static_shape(tp: onnx.TypeProto | None) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+def toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
     """Nodes in execution order; a clean error when some input is never produced."""
     known = set(available)
     in_order = True
@@ -326,7 +326,7 @@ _NUMPY_BINARY = {
 }
 
 
-class _Folder:
+class ConstantFolder:
     """Computes the values of static nodes (numpy for the common shape ops, the ONNX reference
     implementation for the rest)."""
 
@@ -414,7 +414,7 @@ class _Builder:
                                                                  batch_size, seq_len)
         # Shapes the file declares (value_info): the last resort for ops without a schema.
         self.declared = {vi.name: vi.type for vi in list(g.value_info) + list(g.output)}
-        self.folder = _Folder(self.opsets)
+        self.folder = ConstantFolder(self.opsets)
         self.types: dict[str, onnx.TypeProto] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.elem: dict[str, int] = {}
@@ -623,7 +623,7 @@ class _Builder:
         g = self.proto.graph
         self.infer()
         available = set(self.inits) | {i.name for i in g.input}
-        nodes = _toposort(list(g.node), available)
+        nodes = toposort(list(g.node), available)
         used: set[str] = set()
         for k, node in enumerate(nodes):
             name = node.name or f"{node.op_type}_{k}"
@@ -1503,7 +1503,7 @@ def graph_from_onnx(model: onnx.ModelProto | str | os.PathLike, *,
     else ``batch_size`` for axis 0 / dims named like "batch", else ``seq_len``. Every tensor must
     end up with a static shape, or `TraceError` is raised.
     """
-    from ..onnx_io import check_opset
+    from ..io.onnx_files import check_opset
 
     started = time.perf_counter()
     proto, base_dir, source = _load(model)

@@ -51,7 +51,7 @@ CAUSAL_LM_MODEL_TYPES = frozenset(
     }
 )  # fmt: skip
 
-_CAUSAL_LM_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+CAUSAL_LM_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PICKLE_WEIGHTS_TRANSFORMERS_LOADS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -179,23 +179,23 @@ def _load_hf_directory(
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{model_dir} has no config.json{_missing_config_hint(model_dir)}")
-    _read_json(config_path)
+    read_json(config_path)
     headers = _check_weights(model_dir, allow_pickle=allow_pickle)
     use_safetensors = headers is not None
-    config = _load_config(model_dir, trust_remote_code=trust_remote_code)
-    kind: ModelKind = "causal-lm" if _is_causal_lm(config) else "encoder"
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    kind: ModelKind = "causal-lm" if is_causal_lm(config) else "encoder"
     if headers is not None:
         check_config_fits_weights(_model_class(kind), config, safetensors_elements(headers),
                                   described_by=f"config.json in {model_dir}")
     if getattr(config, "graphprune_layer_overrides", None):
         # A graphprune output with per-layer sizes: transformers cannot build it from one config.
-        from ..export import load_pruned
+        from ..io.hf import load_pruned
 
         try:
             model = load_pruned(model_dir, dtype=dtype)
         except Exception as error:  # noqa: BLE001
             raise ModelLoadError(f"cannot load the per-layer pruned model in {model_dir}: {_first_line(error)}") from error
-        tokenizer = _load_tokenizer_if_present(model_dir, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer_if_present(model_dir, trust_remote_code=trust_remote_code)
         return LoadedModel(model=model, tokenizer=tokenizer, onnx_model=None, kind=kind, path=directory, name=name,
                            config=model.config, hf_dir=model_dir)
     model = _load_weights(
@@ -206,7 +206,7 @@ def _load_hf_directory(
         use_safetensors=use_safetensors,
         trust_remote_code=trust_remote_code,
     )
-    tokenizer = _load_tokenizer_if_present(model_dir, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer_if_present(model_dir, trust_remote_code=trust_remote_code)
     return LoadedModel(
         model=model.eval(),
         tokenizer=tokenizer,
@@ -219,7 +219,7 @@ def _load_hf_directory(
     )
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """Parsed content of an existing JSON file; ModelLoadError when unreadable or invalid."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -243,7 +243,7 @@ def _missing_config_hint(directory: Path) -> str:
 
 def _sentence_transformers_model_dir(directory: Path) -> Path:
     """The directory of the Transformer module listed in a sentence-transformers modules.json."""
-    modules = _read_json(directory / "modules.json")
+    modules = read_json(directory / "modules.json")
     if isinstance(modules, list):
         for module in modules:
             if isinstance(module, dict) and str(module.get("type", "")).endswith(".Transformer"):
@@ -258,7 +258,7 @@ def _check_weights(model_dir: Path, *, allow_pickle: bool) -> list[dict] | None:
     if single_file.is_file():
         return [check_safetensors_file(single_file)]
     if index_file.is_file():
-        return [check_safetensors_file(shard) for shard in _shards_listed_in(index_file)]
+        return [check_safetensors_file(shard) for shard in shards_listed_in(index_file)]
 
     pickle_files = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
     if not pickle_files:
@@ -276,8 +276,8 @@ def _check_weights(model_dir: Path, *, allow_pickle: bool) -> list[dict] | None:
     return None
 
 
-def _shards_listed_in(index_file: Path) -> list[Path]:
-    index = _read_json(index_file)
+def shards_listed_in(index_file: Path) -> list[Path]:
+    index = read_json(index_file)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelLoadError(f"{index_file} has no weight_map")
@@ -329,7 +329,7 @@ def check_safetensors_file(path: Path) -> dict:
     return header
 
 
-def _load_config(model_dir: Path, *, trust_remote_code: bool) -> PretrainedConfig:
+def load_config(model_dir: Path, *, trust_remote_code: bool) -> PretrainedConfig:
     from transformers import AutoConfig
 
     try:
@@ -341,11 +341,11 @@ def _load_config(model_dir: Path, *, trust_remote_code: bool) -> PretrainedConfi
         raise ModelLoadError(f"cannot read the model config in {model_dir}: {_first_line(error)}") from error
 
 
-def _is_causal_lm(config: PretrainedConfig) -> bool:
+def is_causal_lm(config: PretrainedConfig) -> bool:
     # Listed architectures win: a bare `LlamaModel` checkpoint has no lm_head to load.
     architectures = getattr(config, "architectures", None) or []
     if architectures:
-        return any(arch.endswith(_CAUSAL_LM_ARCHITECTURE_SUFFIXES) for arch in architectures)
+        return any(arch.endswith(CAUSAL_LM_ARCHITECTURE_SUFFIXES) for arch in architectures)
     return config.model_type in CAUSAL_LM_MODEL_TYPES
 
 
@@ -419,7 +419,7 @@ def _transformers_errors_only() -> Iterator[None]:
         transformers_logging.set_verbosity(previous)
 
 
-def _load_tokenizer_if_present(directory: Path, *, trust_remote_code: bool = False) -> Any | None:
+def load_tokenizer_if_present(directory: Path, *, trust_remote_code: bool = False) -> Any | None:
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
@@ -473,7 +473,7 @@ def _convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
         try:
             source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
             config = AutoConfig.from_pretrained(**source)
-            model_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+            model_class = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
             check_config_fits_weights(model_class, config, _gguf_elements(gguf_path),
                                       described_by=f"the metadata of {gguf_path}")
             model = model_class.from_pretrained(**source, dtype=torch.float32)
@@ -524,7 +524,7 @@ def _remove_stale_conversions(cache_dir: Path) -> None:
 def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
     import onnx
 
-    from ..onnx_io import load_checked_with_files
+    from ..io.onnx_files import load_checked_with_files
 
     # opset within the rules' range; external data present and inside the model's directory
     onnx_model, data_files = load_checked_with_files(onnx_path)
@@ -535,7 +535,7 @@ def _load_onnx(onnx_path: Path, *, name: str) -> LoadedModel:
         raise ModelLoadError(f"{onnx_path} is not a valid ONNX model: {_first_line(error)}") from error
     return LoadedModel(
         model=None,
-        tokenizer=_load_tokenizer_if_present(onnx_path.parent),
+        tokenizer=load_tokenizer_if_present(onnx_path.parent),
         onnx_model=onnx_model,
         kind="onnx",
         path=onnx_path,

@@ -28,13 +28,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..allocation import Allocation, _lowest
-from ..calibrate import Calibration, InputStats
+from ..allocation import Allocation, lowest
+from ..calibration.stats import Calibration, InputStats
 from ..criteria.base import consumer_slices, module_of, stats_key
 from ..errors import PruningError
 from ..graph.groups import Group
 from .layers import routing_forward
-from .routing import _routing_args
+from .routing import routing_args
 
 
 # Kept channels per expert are a multiple of this: transformers' default experts kernel (grouped_mm)
@@ -58,10 +58,10 @@ class ExpertChannelBundles:
         """Bundles of one layer's experts of one stacked tensor, named by the config key that sizes
         them. A plain channel group of the same layer sized by the same key joins the bundle: the
         config gives both one size (DeepSeek builds its shared experts from moe_intermediate_size)."""
-        from ..passes.config import CHANNEL_KEYS, EXPERT_CHANNEL_KEYS, _find_key
+        from ..passes.config import CHANNEL_KEYS, EXPERT_CHANNEL_KEYS, find_key
 
         def bundle_of(g: Group, inside: bool) -> str:
-            key = _find_key(config, EXPERT_CHANNEL_KEYS if inside else CHANNEL_KEYS, g.units) if config else None
+            key = find_key(config, EXPERT_CHANNEL_KEYS if inside else CHANNEL_KEYS, g.units) if config else None
             return f"experts:{g.layer}:{key or sorted((s.param, s.axis) for s in g.slices)}"
 
         members: dict[str, list[Group]] = {}
@@ -114,7 +114,7 @@ class ExpertChannelBundles:
                 kept = min(units, max(multiple, multiple * round((units - count) / multiple)))
                 count = units - kept
             for g in members:
-                removed[g.id] = _lowest(scores_of(g, scores), count)
+                removed[g.id] = lowest(scores_of(g, scores), count)
             if bundle in plan.floored:
                 floored += [g.id for g in members]
         if self.members:
@@ -164,7 +164,7 @@ def _installer(module: torch.nn.Module, where: str, experts: dict[int, _Input]):
         checked = []
 
         def hook(mod, args, kwargs, output):
-            hidden, index, _ = _routing_args(args, kwargs)
+            hidden, index, _ = routing_args(args, kwargs)
             hidden = hidden.reshape(-1, hidden.shape[-1])
             index = index.reshape(hidden.shape[0], -1)
             for expert, info in experts.items():

@@ -50,7 +50,7 @@ class ExpertStats:
         return cls(0, zeros(), zeros(), zeros(), zeros(), zeros())
 
 
-def _routing_args(args: tuple, kwargs: dict):
+def routing_args(args: tuple, kwargs: dict):
     names = ("hidden_states", "top_k_index", "top_k_weights")
     values = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
     return values
@@ -84,7 +84,7 @@ def collect_expert_stats(model: torch.nn.Module, layers: list[ExpertLayer], batc
         st = stats[layer.experts]
 
         def hook(mod, args, kwargs, output):
-            hidden, index, weights = _routing_args(args, kwargs)
+            hidden, index, weights = routing_args(args, kwargs)
             hidden = hidden.reshape(-1, hidden.shape[-1])
             index = index.reshape(hidden.shape[0], -1)
             family = weights.reshape(hidden.shape[0], -1).to(torch.float64)

@@ -1,8 +1,7 @@
-"""Rewrite passes. Each pass is a small object with one job and a `run(...)` method."""
+"""Rewrite passes: each a small object with one job (`base.Pass`: check, requires, call, ensures),
+chained by `base.PassManager`. `rewrite.rewrite_model` is the PyTorch chain; the streaming backend
+runs the same passes one layer at a time; the ONNX backend has its own passes over the ModelProto."""
 
-from .compensate import BiasCompensation
-from .config import ConfigRewrite
-from .slice import SliceParameters
-from .validate import Validate
+from .base import Pass, PassError, PassManager, PassResult, RewriteState
 
-__all__ = ["BiasCompensation", "ConfigRewrite", "SliceParameters", "Validate"]
+__all__ = ["Pass", "PassError", "PassManager", "PassResult", "RewriteState"]

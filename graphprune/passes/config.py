@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calibrate import find_blocks
+from ..models.structure import find_blocks
 from ..errors import PruningError
 from ..graph.groups import Group
+from .base import Pass, PassError, PassResult, RewriteState
 
 # Config keys by meaning, most common spelling first. The matching key is the one whose current
 # value equals the group's original unit count, so nothing here is tied to a model family.
@@ -34,7 +35,7 @@ class ConfigResult:
     bias_keys: list[str] = field(default_factory=list)
 
 
-def _find_key(config, keys: tuple[str, ...], value: int) -> str | None:
+def find_key(config, keys: tuple[str, ...], value: int) -> str | None:
     for k in keys:
         if getattr(config, k, None) == value:
             return k
@@ -133,7 +134,7 @@ class ConfigRewrite:
             cfg = own(g.layer)
             if g.kind == "channel":
                 inside_experts = any(s.expert is not None for s in g.slices)
-                key = _find_key(cfg, EXPERT_CHANNEL_KEYS if inside_experts else CHANNEL_KEYS, g.units)
+                key = find_key(cfg, EXPERT_CHANNEL_KEYS if inside_experts else CHANNEL_KEYS, g.units)
                 if key is None:
                     raise PruningError(f"no config key holds the size {g.units} of {g.scope}; cannot rewrite the config")
                 if values.get(key, kept) != kept:
@@ -145,21 +146,21 @@ class ConfigRewrite:
                 child = by_id.get(g.children[0]) if g.children else None
                 per_group = (child.units - len(removed.get(child.id, ()))) if child else \
                     _find_heads(cfg) // max(g.units, 1)
-                values[_find_key(cfg, KV_KEYS, g.units) or "num_key_value_heads"] = kept
-                values[_find_key(cfg, HEAD_KEYS, _find_heads(cfg)) or "num_attention_heads"] = kept * per_group
+                values[find_key(cfg, KV_KEYS, g.units) or "num_key_value_heads"] = kept
+                values[find_key(cfg, HEAD_KEYS, _find_heads(cfg)) or "num_attention_heads"] = kept * per_group
             elif g.kind == "head":
                 if g.parent and g.parent in by_id:
                     continue  # written with its kv-group
                 kv = _find_kv(cfg)
                 heads = _find_heads(cfg)
                 if kv is not None and kv != heads:  # query heads within untouched kv groups
-                    values[_find_key(cfg, HEAD_KEYS, heads) or "num_attention_heads"] = kv * kept
+                    values[find_key(cfg, HEAD_KEYS, heads) or "num_attention_heads"] = kv * kept
                 else:
-                    values[_find_key(cfg, HEAD_KEYS, heads) or "num_attention_heads"] = kept
+                    values[find_key(cfg, HEAD_KEYS, heads) or "num_attention_heads"] = kept
                     if kv is not None:
-                        values[_find_key(cfg, KV_KEYS, kv) or "num_key_value_heads"] = kept
+                        values[find_key(cfg, KV_KEYS, kv) or "num_key_value_heads"] = kept
             elif g.kind == "expert":
-                key = _find_key(cfg, EXPERT_KEYS, g.units)
+                key = find_key(cfg, EXPERT_KEYS, g.units)
                 if key is None:
                     raise PruningError(f"no config key holds the {g.units} routed experts of {g.scope}; cannot "
                                        f"rewrite the config")
@@ -274,3 +275,48 @@ def _default_of(config, key: str) -> int:
     if key == "n_inner":
         return 4 * config.n_embd
     raise PruningError(f"config key {key} has no value")
+
+
+class ConfigPass(Pass[RewriteState]):
+    """The config of the pruned shapes (`ConfigRewrite`), from the sliced tensors' shapes."""
+
+    name = "config"
+
+    def requires(self, rewrite: RewriteState) -> None:
+        if rewrite.config is None or rewrite.model_class is None:
+            raise PassError("the config rewrite needs the model's config and class")
+
+    def call(self, rewrite: RewriteState) -> PassResult[RewriteState]:
+        shapes = {k: tuple(v.shape) for k, v in rewrite.tensors.items()}
+        rewrite.config_result = ConfigRewrite().run(rewrite.config, rewrite.model_class, rewrite.groups,
+                                                    rewrite.removed, shapes, rewrite.new_biases, rewrite.n_layers)
+        rewrite.config = rewrite.config_result.config
+        return PassResult(rewrite, True)
+
+
+def heads_expressible(model: torch.nn.Module, groups) -> bool:
+    """Can the config describe one head fewer per layer? Tried on a meta model: families that
+    derive head_dim from hidden_size / heads (BERT, GPT-2) cannot."""
+    config = getattr(model, "config", None)
+    head_groups = [g for g in groups if g.kind in ("kv-group", "head") and g.prunable]
+    heads = next((getattr(config, k) for k in HEAD_KEYS if getattr(config, k, None)), None)
+    if heads is None or not head_groups:
+        return False
+    kv = next((g for g in head_groups if g.kind == "kv-group"), None)
+    trial = copy.deepcopy(config)
+    try:
+        setattr(trial, find_key(config, HEAD_KEYS, heads), heads - (heads // kv.units if kv is not None else 1))
+        if kv is not None:
+            kv_key = find_key(config, KV_KEYS, kv.units)
+            if kv_key:
+                setattr(trial, kv_key, kv.units - 1)
+        trial.head_dim = head_dim_of(config)
+        meta = instantiate(type(model), trial)
+    except Exception:  # noqa: BLE001 - the config refuses such a head count
+        return False
+    probe = head_groups[0].slices[0]
+    size = dict(meta.named_parameters(remove_duplicate=False)).get(probe.param)
+    if size is None:
+        return False
+    expected = model.get_parameter(probe.param).shape[probe.axis] - probe.width
+    return size.shape[probe.axis] == expected

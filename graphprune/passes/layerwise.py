@@ -23,8 +23,8 @@ import torch
 
 from ..criteria.base import Criterion, consumer_slices, module_of
 from ..graph.groups import Group, ParamSlice
-from ..layerwise import BlockRunner, Gram, Replacement
-from . import lsq
+from ..calibration.blocks import BlockRunner, Gram, Replacement
+from ..solvers import lsq
 
 
 @dataclass
@@ -113,6 +113,9 @@ class LayerwiseCompensation:
                     result.removed[g.id] = np.sort(np.asarray(chosen, dtype=np.int64))
                 dead = np.union1d(dead, removed_columns([(g, s)], result.removed))
         cols = removed_columns(members, result.removed)
+        if cols.size == 0:
+            # nothing of this layer's input goes: it stays as it is (no refit, no bias it never had)
+            return Replacement(weight, params.get(f"{module}.bias"))
         if self.method == "lsq":
             new = lsq.refit(w_aug, h, cols, self.damp)
         else:

@@ -1,21 +1,14 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ..errors import PruningError
 from ..graph.groups import Group
+from .base import Pass, PassError, PassResult, RewriteState
 
 
-@dataclass
-class SliceResult:
-    state: dict[str, torch.Tensor]
-    kept: dict[tuple[str, int], np.ndarray]  # (param, axis) -> kept indices (original numbering)
-
-
-class SliceParameters:
+class SliceParameters(Pass[RewriteState]):
     """Remove the chosen units from every parameter slice of their groups.
 
     Works on a state dict, so it is the same for any module type: the model is rebuilt from the
@@ -25,12 +18,14 @@ class SliceParameters:
     weights ([E, ...]) cuts that expert only; every expert of the tensor must keep the same width.
     """
 
-    def run(self, state: dict[str, torch.Tensor], groups: list[Group], removed: dict[str, np.ndarray],
-            aliases: dict[str, list[str]] | None = None, release=None) -> SliceResult:
-        """`release(name)`, when given, is called once a parameter's original tensor is no longer
-        needed, so the caller can free it: peak memory stays near one model instead of two."""
-        drop, per_expert = removed_indices(groups, removed)
-        names_of = _alias_table(state, aliases or {})
+    name = "slice"
+
+    def call(self, rewrite: RewriteState) -> PassResult[RewriteState]:
+        """`rewrite.release(name)`, when set, is called once a parameter's original tensor is no
+        longer needed, so the caller can free it: peak memory stays near one model instead of two."""
+        state, release = rewrite.tensors, rewrite.release
+        drop, per_expert = removed_indices(rewrite.groups, rewrite.removed)
+        names_of = _alias_table(state, rewrite.aliases or {})
         out = dict(state)
         kept: dict[tuple[str, int], np.ndarray] = {}
         # Inside experts first: those indices count experts in the original numbering, which a cut
@@ -55,7 +50,14 @@ class SliceParameters:
             del tensor
         # a parameter cut along two axes: index_select above used the updated tensor, which is
         # right because each (param, axis) pair is cut exactly once
-        return SliceResult(out, kept)
+        rewrite.tensors, rewrite.kept = out, kept
+        return PassResult(rewrite, bool(drop or per_expert))
+
+    def ensures(self, rewrite: RewriteState) -> None:
+        for (param, axis), keep in rewrite.kept.items():
+            if param in rewrite.tensors and rewrite.tensors[param].shape[axis] != len(keep):
+                raise PassError(f"{param} axis {axis} has {rewrite.tensors[param].shape[axis]} indices after "
+                                f"slicing, expected {len(keep)}")
 
     @staticmethod
     def _store(out, state, names, sliced, release) -> None:

@@ -22,7 +22,7 @@ def logits_in_fresh_process(cases: dict[str, tuple[str, torch.Tensor, bool]], wo
         import torch
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM
-        from graphprune.export import load_pruned
+        from graphprune.io.hf import load_pruned
         cases = torch.load({str(workdir / 'reload_inputs.pt')!r})
         out = {{}}
         for name, (path, ids, uniform) in cases.items():

@@ -1,0 +1,180 @@
+"""Gradient statistics per unit, for the gradient-based criteria (taylor, fisher, gaprune).
+
+For every calibration batch b and unit u of a chosen group, s_b(u) = Σ_{w in u} w · ∂L_b/∂w: the
+derivative of the batch loss when all of the unit's weights are scaled together, i.e. the gradient
+of a multiplicative mask on the unit at 1. We keep Σ_b s_b and Σ_b s_b² per unit; with
+`keep_gradients` also Σ_b ∂L_b/∂w for the parameters of the chosen groups, from which
+`unit_alignment` measures how two calibration sets' gradients agree on each unit.
+
+The loss is whatever the batch closures compute: the LM loss for decoders, InfoNCE for encoders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .cache import read_cache_entry, write_cache_tensors
+from ..graph.groups import Group
+
+LossStep = Callable[[], torch.Tensor]
+
+
+@dataclass
+class GradientStats:
+    units: dict[str, dict[str, np.ndarray | int]]  # group id -> {"sum", "sumsq", "batches"}
+    gradient_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> Σ_b ∂L_b/∂w (float64)
+    mean_loss: float = 0.0
+
+
+def lm_steps(model: torch.nn.Module, batches: torch.Tensor, batch_size: int) -> list[LossStep]:
+    """LM-loss closures over [n, seqlen] token windows, `batch_size` windows each."""
+    def step(chunk):
+        return lambda: model(input_ids=chunk, labels=chunk).loss
+    return [step(batches[i:i + batch_size]) for i in range(0, batches.shape[0], batch_size)]
+
+
+def unit_gradients(model: torch.nn.Module, steps: Sequence[LossStep], chosen: list[Group], *, progress: bool = False,
+                   keep_gradients: bool = False, desc: str = "gradients") -> GradientStats:
+    from tqdm.auto import tqdm
+
+    # Every name of a tied tensor (lm_head.weight and embed_tokens.weight), since groups use either.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    units = {g.id: {"sum": np.zeros(g.units), "sumsq": np.zeros(g.units), "batches": 0} for g in chosen}
+    needed = {s.param for g in chosen for s in g.slices}
+    needed_ids = {id(params[name]) for name in needed}
+    sums: dict[str, torch.Tensor] = {}
+    total_loss = 0.0
+    was_training = model.training
+    model.eval()  # dropout off: the statistics describe the deployed model
+    for p in params.values():
+        p.requires_grad_(id(p) in needed_ids)
+    try:
+        for step in tqdm(steps, desc=desc, disable=not progress, leave=False):
+            model.zero_grad(set_to_none=True)
+            loss = step()
+            loss.backward()
+            total_loss += float(loss.detach())
+            if keep_gradients:
+                for name in needed:
+                    grad = params[name].grad
+                    if grad is not None:
+                        acc = sums.setdefault(name, torch.zeros(grad.shape, dtype=torch.float64))
+                        acc += grad.to(torch.float64)
+            for g in chosen:
+                per_unit = torch.zeros(g.units, dtype=torch.float64)
+                counted = set()
+                for s in g.slices:
+                    p = params[s.param]
+                    # A tied tensor's gradient already sums both uses: count its slice once.
+                    key = (id(p), s.axis, s.expert, np.asarray(s.indices).tobytes())
+                    if p.grad is None or key in counted:
+                        continue
+                    counted.add(key)
+                    wg = s.units_first((p.detach() * p.grad).to(torch.float64))
+                    idx = torch.as_tensor(s.indices)
+                    per_unit += wg[idx.reshape(-1)].reshape(g.units, -1).sum(1)
+                units[g.id]["sum"] += per_unit.numpy()
+                units[g.id]["sumsq"] += (per_unit ** 2).numpy()
+                units[g.id]["batches"] += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p in params.values():
+            p.requires_grad_(False)
+        model.train(was_training)
+    return GradientStats(units, sums, total_loss / max(len(steps), 1))
+
+
+def unit_alignment(chosen: list[Group], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per unit: cosine between two summed gradients restricted to the unit's weights (all its
+    slices), in [-1, 1]; 0 where either gradient vanishes on the unit."""
+    out = {}
+    for g in chosen:
+        dot = torch.zeros(g.units, dtype=torch.float64)
+        norm_a = torch.zeros(g.units, dtype=torch.float64)
+        norm_b = torch.zeros(g.units, dtype=torch.float64)
+        for s in g.slices:
+            if s.param not in a or s.param not in b:
+                continue
+            idx = torch.as_tensor(s.indices).reshape(-1)
+            ga = s.units_first(a[s.param])[idx].reshape(g.units, -1)
+            gb = s.units_first(b[s.param])[idx].reshape(g.units, -1)
+            dot += (ga * gb).sum(1)
+            norm_a += (ga * ga).sum(1)
+            norm_b += (gb * gb).sum(1)
+        denominator = (norm_a * norm_b).sqrt()
+        cosine = torch.where(denominator > 0, dot / denominator.clamp_min(1e-300), torch.zeros_like(dot))
+        out[g.id] = cosine.clamp(-1.0, 1.0).numpy()
+    return out
+
+
+@dataclass
+class GradientTerms:
+    """What the gradient criteria read: per group id, the domain statistics, and for two sets the
+    general statistics and the per-unit alignment."""
+
+    domain: dict[str, dict]
+    general: dict[str, dict] = field(default_factory=dict)
+    alignment: dict[str, np.ndarray] = field(default_factory=dict)
+    mean_loss: dict[str, float] = field(default_factory=dict)
+    cached: bool = False
+
+
+def gradient_terms(model: torch.nn.Module, chosen: list[Group], domain_steps: Sequence[LossStep],
+                   general_steps: Sequence[LossStep] | None, *, progress: bool, cache_key: str | None) -> GradientTerms:
+    """Gradient statistics of one or two calibration sets, from the cache when `cache_key` is
+    given and present (scores do not depend on the sparsity: re-pruning skips the backward passes)."""
+    if cache_key is not None:
+        cached = _load_terms(cache_key, chosen)
+        if cached is not None:
+            return cached
+    two_sets = general_steps is not None
+    stats = unit_gradients(model, domain_steps, chosen, progress=progress, keep_gradients=two_sets)
+    terms = GradientTerms(stats.units, mean_loss={"domain": stats.mean_loss})
+    if two_sets:
+        general = unit_gradients(model, general_steps, chosen, progress=progress, keep_gradients=True,
+                                 desc="general gradients")
+        terms.general = general.units
+        terms.alignment = unit_alignment(chosen, stats.gradient_sums, general.gradient_sums)
+        terms.mean_loss["general"] = general.mean_loss
+    if cache_key is not None:
+        _save_terms(cache_key, terms)
+    return terms
+
+
+def _save_terms(key: str, terms: GradientTerms) -> None:
+    tensors = {}
+    for which, table in (("domain", terms.domain), ("general", terms.general)):
+        for gid, st in table.items():
+            tensors[f"{which}/{gid}/sum"] = torch.from_numpy(np.asarray(st["sum"], dtype=np.float64))
+            tensors[f"{which}/{gid}/sumsq"] = torch.from_numpy(np.asarray(st["sumsq"], dtype=np.float64))
+            tensors[f"{which}/{gid}/batches"] = torch.tensor([int(st["batches"])], dtype=torch.int64)
+    for gid, values in terms.alignment.items():
+        tensors[f"alignment/{gid}"] = torch.from_numpy(np.asarray(values, dtype=np.float64))
+    for which, loss in terms.mean_loss.items():
+        tensors[f"loss/{which}"] = torch.tensor([loss], dtype=torch.float64)
+    write_cache_tensors(key, tensors)
+
+
+def _load_terms(key: str, chosen: list[Group]) -> GradientTerms | None:
+    tensors = read_cache_entry(key)
+    if tensors is None:
+        return None
+    terms = GradientTerms({})
+    for name, value in tensors.items():
+        kind, rest = name.split("/", 1)
+        if kind == "alignment":
+            terms.alignment[rest] = value.numpy()
+        elif kind == "loss":
+            terms.mean_loss[rest] = float(value[0])
+        else:
+            gid, field_name = rest.rsplit("/", 1)
+            entry = getattr(terms, kind).setdefault(gid, {})
+            entry[field_name] = int(value[0]) if field_name == "batches" else value.numpy()
+    if any(g.id not in terms.domain or len(terms.domain[g.id].get("sum", ())) != g.units for g in chosen):
+        return None
+    terms.cached = True
+    return terms

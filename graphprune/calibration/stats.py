@@ -1,0 +1,114 @@
+"""Calibration statistics collected with forward hooks, batch by batch.
+
+Only running sums are kept (per input channel of the consumer layers a criterion asks for, and the
+per-block angle CFSP needs), so the activations of the whole model are never held at once: the
+memory cost is one batch of activations plus O(channels) accumulators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.structure import find_blocks
+
+
+@dataclass
+class InputStats:
+    """Per input-channel statistics of a layer's input over all calibration tokens (float64)."""
+
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        # Unbiased sample variance, as FLAP's fluctuation metric uses.
+        n = max(self.count, 2)
+        return (self.sumsq - self.sum * self.sum / max(self.count, 1)).clamp_min(0) / (n - 1)
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """‖X_j‖² over calibration tokens."""
+        return self.sumsq
+
+
+@dataclass
+class Calibration:
+    inputs: dict[str, InputStats] = field(default_factory=dict)  # module name -> stats of its input
+    block_angle: dict[int, float] = field(default_factory=dict)  # decoder block -> Σ_t arccos(cos)/π
+    tokens: int = 0
+
+
+def input_stats_hook(stats: dict[str, InputStats], name: str):
+    """A forward pre-hook adding the module's input to `stats[name]` (float64 running sums on the
+    input's device; the streaming pipeline moves them to the CPU after each layer)."""
+
+    def hook(module, args, kwargs=None):
+        x = args[0] if args else next(iter(kwargs.values()))
+        # A float64 copy (never the input itself: the module still reads it), squared in place.
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64, copy=True)
+        st = stats.get(name)
+        if st is None:
+            dim = x.shape[-1]
+            st = InputStats(0, torch.zeros(dim, dtype=torch.float64, device=x.device),
+                            torch.zeros(dim, dtype=torch.float64, device=x.device))
+            stats[name] = st
+        st.count += x.shape[0]
+        st.sum += x.sum(0)
+        st.sumsq += x.square_().sum(0)
+    return hook
+
+
+def block_angle(x: torch.Tensor, y: torch.Tensor) -> float:
+    """CFSP's block importance term: Σ_t arccos(cos(x_t, y_t)) / π over the tokens of one batch."""
+    cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
+    # cos can exceed 1 by rounding: clamp before arccos (CFSP's NaN trap).
+    return float((torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi).sum())
+
+
+def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: list[str] = (),
+            block_angles: bool = False, batch_size: int = 8,
+            progress: bool = True, add_kwargs: dict | None = None, extra_hooks=()) -> Calibration:
+    """Run `batches` ([n, seqlen] token ids) through `model`, accumulating statistics.
+    `extra_hooks`: callables `install(result) -> hook handle` for statistics no module input holds
+    (the inputs of one expert inside stacked weights, `graphprune.moe.channels`)."""
+    result = Calibration()
+    modules = dict(model.named_modules())
+    handles = []
+    for name in dict.fromkeys(input_modules):
+        handles.append(modules[name].register_forward_pre_hook(input_stats_hook(result.inputs, name)))
+    handles += [install(result) for install in extra_hooks]
+
+    if block_angles:
+        blocks = find_blocks(model)
+        if blocks is not None:
+            for index, block in enumerate(blocks[1]):
+                def angle_hook(module, args, kwargs, output, index=index):
+                    x = args[0] if args else kwargs.get("hidden_states")
+                    y = output[0] if isinstance(output, (tuple, list)) else output
+                    result.block_angle[index] = result.block_angle.get(index, 0.0) + block_angle(x, y)
+                handles.append(block.register_forward_hook(angle_hook, with_kwargs=True))
+    # Statistics live in the layers: run the base model and skip the LM head (a 49k-wide matmul
+    # per token for SmolLM2, a fifth of the forward cost).
+    body = getattr(model, "base_model", None) or model
+    kwargs = dict(add_kwargs or {})
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs.setdefault("use_cache", False)
+    try:
+        with torch.no_grad():
+            steps = range(0, batches.shape[0], batch_size)
+            for start in tqdm(steps, desc="calibration", unit="batch", disable=not progress, leave=False):
+                chunk = batches[start:start + batch_size]
+                body(input_ids=chunk, **kwargs)
+                result.tokens += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return result

@@ -1,0 +1,74 @@
+"""Compensations: what a consumer layer (o_proj, down_proj, ...) does about its removed inputs.
+
+A registry like the criteria's: `@register` (or the ``graphprune.compensations`` entry-point group)
+adds one; each declares what it needs computed and whether it runs block by block. The passes
+that carry them out are `passes.bias.BiasCompensation` (FLAP's mean, on the whole model) and
+`passes.layerwise.LayerwiseCompensation` (least squares, and the mean with ``--sequential``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+
+from ..criteria.base import Need
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Compensation:
+    name: str
+    needs: Need  # computed before the rewrite (with --sequential: Gram matrices block by block)
+    layerwise: bool  # refits each consumer on its input's Gram matrix, block by block
+    summary: str
+
+    def needs_for(self, *, sequential: bool) -> Need:
+        """What it needs with or without --sequential (sequential runs are always block by block)."""
+        return self.needs | (Need.GRAMS if sequential else Need.NONE)
+
+
+_REGISTRY: dict[str, Compensation] = {}
+# The compensation a criterion gets when none is asked for: FLAP's own recipe for flap; obs chooses
+# units for the least-squares update, so it needs it.
+DEFAULTS = {"flap": "bias", "obs": "lsq"}
+
+
+def register(compensation: Compensation) -> Compensation:
+    _REGISTRY[compensation.name] = compensation
+    return compensation
+
+
+register(Compensation("none", Need.NONE, False, "removed inputs are dropped"))
+register(Compensation("bias", Need.ACTIVATIONS, False,
+                      "FLAP: each removed input is replaced by its calibration mean, b' = b + W[:, R]·mean(x_R)"))
+register(Compensation("lsq", Need.GRAMS, True,
+                      "least squares: the kept columns and the bias are refit on the calibration inputs"))
+
+
+def _load_entry_points() -> None:
+    try:
+        entries = metadata.entry_points(group="graphprune.compensations")
+    except Exception:  # noqa: BLE001 - a broken environment must not hide the built-ins
+        return
+    for entry in entries:
+        if entry.name not in _REGISTRY:
+            try:
+                register(entry.load())
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(f"compensation plugin '{entry.name}' ({entry.value}) failed to load: {exc}") from exc
+
+
+def available() -> list[str]:
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Compensation:
+    names = available()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown --compensate '{name}' (choose from {', '.join(names)})")
+    return _REGISTRY[name]
+
+
+def default_for(criterion: str | None) -> str:
+    return DEFAULTS.get(criterion or "", "none")

@@ -1,0 +1,5 @@
+"""The compress pipeline: options, the driver, the report."""
+
+from .run import CompressResult, compress
+
+__all__ = ["CompressResult", "compress"]
