@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -38,12 +39,10 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(int(spec.get("threads", 2)))
     from bench.moe_fixture import cache_path
-    from graphprune.calibration.text import load_calibration, needs_bos, read_text_file
+    from graphprune.calibration.text import read_text_file
     from graphprune.evaluate.perplexity import perplexity
-    from graphprune.calibration.selfgen import self_generated
-    from graphprune.graph import analyze
     from graphprune.models import load_model
-    from graphprune.moe import collect_expert_stats, find_expert_layers, prune_experts
+    from graphprune.pipeline.run import compress
 
     started = time.perf_counter()
     loaded = load_model("smollm2-135m" if spec.get("dense") == "smollm2" else str(cache_path()))
@@ -61,37 +60,25 @@ def main() -> None:
     if spec.get("dense"):
         print(json.dumps({"criterion": f"dense {spec['dense']}", **evaluate(loaded.model)}), flush=True)
         return
-    model = loaded.model
-    groups = analyze(model)
-    layers = find_expert_layers(model, groups)
-    stats, calib_s = None, 0.0
-    if spec.get("calib"):
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            domains = []
-            for source in calibration_sources(spec["calib"], Path(tmp)):
-                if source == "none":
-                    batches = self_generated(model, loaded.tokenizer, nsamples=spec["nsamples"], seqlen=spec["seqlen"],
-                                             seed=spec["seed"], use_cache=False, progress=False).batches
-                else:
-                    batches = load_calibration(source, loaded.tokenizer, nsamples=spec["nsamples"],
-                                               seqlen=spec["seqlen"], seed=spec["seed"], add_bos=needs_bos(model))
-                domains.append(collect_expert_stats(model, layers, batches, progress=False))
-        stats = {layer.experts: [d[layer.experts] for d in domains] for layer in layers}
-        calib_s = time.perf_counter() - t
     setup_s = time.perf_counter() - started
-    for run in spec["runs"]:
-        t = time.perf_counter()
-        result = prune_experts(model, groups, criterion=run["criterion"], sparsity=run["sparsity"],
-                               routing_stats=stats, seed=spec["seed"], progress=False,
-                               criterion_options=run.get("options"))
-        kept = set(result.report["kept_per_layer"].values())
-        row = {**run, "calib": spec.get("calib"), "kept": kept.pop() if len(kept) == 1 else "varies",
-               "calib_s": calib_s, "setup_s": setup_s, "prune_s": time.perf_counter() - t,
-               **evaluate(result.model), "peak_rss_mb": peak_rss_mb()}
-        print(json.dumps(row), flush=True)
-        del result
-        gc.collect()
+    with tempfile.TemporaryDirectory() as tmp:
+        # every run reads the routing statistics the first one cached (same model, same calibration)
+        os.environ["GRAPHPRUNE_CALIB_CACHE"] = str(Path(tmp) / "cache")
+        sources = calibration_sources(spec["calib"], Path(tmp)) if spec.get("calib") else ["default"]
+        for run in spec["runs"]:
+            t = time.perf_counter()
+            result = compress(loaded.model, target="experts", criterion=run["criterion"], sparsity=run["sparsity"],
+                              calib=sources, tokenizer=loaded.tokenizer, nsamples=spec["nsamples"],
+                              seqlen=spec["seqlen"], seed=spec["seed"], progress=False,
+                              criterion_options=run.get("options") or {})
+            kept = set(result.report["experts"]["kept_per_layer"].values())
+            row = {**run, "calib": spec.get("calib"), "kept": kept.pop() if len(kept) == 1 else "varies",
+                   "setup_s": setup_s, "prune_s": time.perf_counter() - t,
+                   "calib_s": result.report["timings_s"].get("experts_calibration"),
+                   **evaluate(result.model), "peak_rss_mb": peak_rss_mb()}
+            print(json.dumps(row), flush=True)
+            del result
+            gc.collect()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def main() -> None:
     torch.set_num_threads(int(spec.get("threads", 2)))
     started = time.perf_counter()
     options = dict(criterion=spec.get("criterion", "flap"), sparsity=spec.get("sparsity", 0.5),
+                   compensate=spec.get("compensate"),
                    allocation=spec.get("allocation"), target=spec.get("target"), calib=spec.get("calib", "default"),
                    nsamples=spec["nsamples"],
                    seqlen=spec["seqlen"], progress=False)

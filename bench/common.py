@@ -34,7 +34,7 @@ def run_child(module: str, spec: dict, timeout: int = 7200) -> dict:
 
 
 def peak_rss_mb() -> float:
-    from graphprune.pipeline.run import peak_rss_mb as own_peak
+    from graphprune.pipeline.report import peak_rss_mb as own_peak
 
     return own_peak()
 

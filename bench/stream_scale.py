@@ -11,7 +11,8 @@ to be a multiple of the head count, and the allocator does not know it, so remov
 these shapes (Llama-2-7B's 32 heads of a 4096 stream) can end in counts the config refuses; that
 is a limit of the in-memory pipeline as much as of streaming.
 
-    python -m bench.stream_scale                      # 0.1B, 0.5B, 1.5B, 7B
+    python -m bench.stream_scale                      # 0.1B, 0.5B, 1.1B, 1.5B, 7B, FLAP
+    python -m bench.stream_scale 1.1B 7B --criterion default --sparsity 0.2   # the default pipeline
     python -m bench.stream_scale 0.1B 0.5B --dir /tmp/x
     python -m bench.stream_scale 1.5B --device cuda --dtype bf16
 """
@@ -36,6 +37,8 @@ SHAPES = {
                  num_key_value_heads=4),
     "0.5B": dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=20,
                  num_key_value_heads=4),
+    "1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4),  # TinyLlama-1.1B
     "1.5B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=30, num_attention_heads=16,
                  num_key_value_heads=4),
     "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -110,6 +113,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--target", default="channels")
+    parser.add_argument("--criterion", default="flap",
+                        help="flap (with bias compensation, the streaming baseline) or default (no --criterion: "
+                             "obs + least squares + --sequential)")
+    parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     args = parser.parse_args(argv)
     unknown = [s for s in args.sizes if s not in SHAPES]
@@ -132,10 +139,12 @@ def main(argv: list[str]) -> None:
             sys.exit(f"writing the {size} checkpoint failed: {facts['error']}")
         written_s = time.perf_counter() - t
         spec = {"model_dir": str(model_dir), "out": str(out), "device": args.device, "dtype": args.dtype,
-                "threads": args.threads, "target": args.target, **CALIB}
+                "threads": args.threads, "target": args.target, "sparsity": args.sparsity, **CALIB,
+                **({"criterion": None} if args.criterion == "default" else
+                   {"criterion": args.criterion, "compensate": "bias"})}
         load_before = _load()
         row = run_child("bench._stream_child", spec, timeout=4 * 3600)
-        row.update(size=size, params_b=facts["params"] / 1e9, disk_gb=facts["disk_gb"], write_ckpt_s=written_s,
+        row.update(size=size, pipeline=args.criterion, params_b=facts["params"] / 1e9, disk_gb=facts["disk_gb"], write_ckpt_s=written_s,
                    load_before=load_before, load_after=_load(), layers=SHAPES[size]["num_hidden_layers"])
         if "wall_s" in row:
             row["s_per_bparam"] = row["wall_s"] / row["params_b"]
@@ -147,7 +156,10 @@ def main(argv: list[str]) -> None:
         if not args.keep:
             for path in (model_dir, out, work / f".{out.name}.partial"):
                 shutil.rmtree(path, ignore_errors=True)
-    print(f"FLAP 50% (global, bias compensation, target {args.target}), calibration {CALIB['nsamples']}x"
+    pipeline = ("FLAP (bias compensation)" if args.criterion == "flap" else
+                "the default pipeline (obs + least squares + --sequential)" if args.criterion == "default" else
+                args.criterion)
+    print(f"{pipeline} at {args.sparsity:.0%} (global, target {args.target}), calibration {CALIB['nsamples']}x"
           f"{CALIB['seqlen']} tokens, device {args.device}, compute dtype {args.dtype}, {args.threads} threads; "
           f"checkpoints bf16")
     print(markdown_table(rows, [("size", "size"), ("params (B)", "params_b"), ("layers", "layers"),

@@ -25,9 +25,9 @@ OUTPUT_FILES_SLACK_BYTES = 64 * 2**20
 CONFIG_WEIGHTS_RATIO_LIMIT = 2.0
 
 
-def check_finite_weights(model: torch.nn.Module) -> None:
-    """Raise if any parameter of `model` holds NaN or Inf, naming the first one. Buffers are not
-    checked: attention-mask buffers hold -inf on purpose."""
+def check_finite_weights(model: torch.nn.Module, *, action: str = "prune") -> None:
+    """Raise if any parameter of `model` holds NaN or Inf, naming the first one ("refusing to
+    {action} it"). Buffers are not checked: attention-mask buffers hold -inf on purpose."""
     bad = []
     for name, tensor in model.named_parameters():
         if tensor.is_floating_point() and tensor.numel() and tensor.device.type != "meta":
@@ -38,7 +38,7 @@ def check_finite_weights(model: torch.nn.Module) -> None:
         name, count = bad[0]
         more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
         raise ModelLoadError(f"the input model is broken: {name} holds {count} NaN/Inf value(s){more}; "
-                             f"refusing to prune it")
+                             f"refusing to {action} it")
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -50,7 +50,11 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def free_bytes(directory: str | Path) -> int:
-    """Free bytes on the filesystem of `directory` (the seam `testing.faults.disk_free` replaces)."""
+    """Free bytes on the filesystem `directory` is (or will be, once created) on; the seam
+    `testing.faults.disk_free` replaces."""
+    directory = Path(directory)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
     return shutil.disk_usage(directory).free
 
 

@@ -190,6 +190,22 @@ class Backend(ABC):
     def default_allocation(self) -> str:
         return "global"
 
+    def default_pipeline(self, chosen: list) -> tuple[str, str, bool]:
+        """(criterion, compensation, sequential) when the user names no criterion: the best measured
+        pipeline this backend runs (docs/benchmarks.md): structured OBS ranked by the loss Fisher,
+        least-squares compensation, each layer re-chosen on the outputs of the pruned layers before it."""
+        return "obs", "lsq", True
+
+    def default_compensation(self, criterion: str, chosen: list) -> tuple[str, str | None]:
+        """(compensation, note) when none is asked for: least squares where this backend and the layers
+        support it, else the criterion's fallback (FLAP's own bias for flap), with the reason."""
+        from ..passes import compensation
+
+        if "lsq" in self.capabilities.compensations:
+            return "lsq", None
+        fallback = compensation.fallback_for(criterion)
+        return fallback, f"--compensate {fallback}: least squares is not available with the {self.name} backend"
+
     def prepare(self, stage: Stage, chosen: list) -> list:
         """Checks that need the model; returns the groups the stage really prunes (a backend may set
         some aside, saying why in `stage.notes`)."""
@@ -272,8 +288,9 @@ def choose(source: Any, options) -> type[Backend]:
         return _OVERRIDES[-1]
     if options.backend is not None:
         return get(options.backend)
-    names = available()
-    for name in [n for n in ("onnx", "stream") if n in names] + [n for n in names if n not in ("onnx", "stream")]:
+    # the specific backends first, the catch-all in-memory one last (a plugin is asked before it)
+    names = sorted(available(), key=lambda n: n == "memory")
+    for name in names:
         if _REGISTRY[name].accepts(source, options):
             return _REGISTRY[name]
     return get("memory")

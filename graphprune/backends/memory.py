@@ -11,6 +11,8 @@ the pruned shape, which `Validate` runs on a few tokens.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect as pyinspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calibration.cache import cache_key, load_cached, save_cached, weights_fingerprint
+from ..calibration.cache import cache_key, load_cached, save_cached, tokenizer_fingerprint, weights_fingerprint
 from ..calibration.stats import Calibration, collect
 from ..criteria import available as available_criteria
 from ..criteria import get as get_criterion
@@ -29,7 +31,7 @@ from ..errors import PruningError, UserError
 from ..graph import GroupSet, analyze
 from ..guards import check_finite_weights
 from ..models.encoders import is_encoder, pooling_of
-from ..models.structure import layer_parameter_count
+from ..models.structure import check_windows_fit, layer_parameter_count
 from ..passes.rewrite import rewrite_model
 from .base import Backend, Capabilities, Stage, StageResult, register
 
@@ -76,6 +78,7 @@ class _Calibrated:
     cache_state: str | None = None
     gradient_cache: str | None = None
     generated_text: list | None = None
+    identity: tuple | None = None  # (weights, tokenizer) fingerprints the cache keys were built on
 
 
 @register
@@ -95,11 +98,14 @@ class MemoryBackend(Backend):
 
     def __init__(self, source: Any, options, *, tokenizer: Any = None) -> None:
         self.options = options
-        asked = [flag for flag, on in (("--resume", options.resume), ("--device cuda", options.device == "cuda"),
-                                       (f"--dtype {options.dtype}", options.dtype not in (None, "fp32"))) if on]
-        if asked:
-            raise UserError(f"{' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} only used by streaming runs: "
-                            f"add --stream")
+        if options.resume:
+            raise UserError("--resume continues an interrupted streaming run: add --stream")
+        from ..devices import resolve_device, resolve_dtype
+
+        # where calibration and the block-by-block work run, and in which precision (statistics are
+        # accumulated in float64 on the CPU whatever these are; the rewrite runs on the CPU)
+        self.device = resolve_device(options.device or "cpu")
+        self.compute_dtype = resolve_dtype(options.dtype) if options.dtype else None
         self.loaded, model, self.tokenizer = resolve_model(source, tokenizer, allow_pickle=options.allow_pickle,
                                                            trust_remote_code=options.trust_remote_code)
         if model is None:
@@ -124,7 +130,17 @@ class MemoryBackend(Backend):
         return getattr(self.loaded, "name", type(self.model).__name__) if self.loaded else type(self.model).__name__
 
     def param_counts(self) -> tuple[int, int]:
-        return unique_param_count(self.model), layer_parameter_count(self.model)
+        """(unique parameters, parameters of the repeated blocks) of the model as it is now. Which
+        parameters are the blocks' is found once, from the graph of the model as loaded
+        (`graph.blocks.layer_parameters`); pruning keeps the names, and a parameter a rewrite adds
+        (a compensation bias) counts with its module."""
+        from ..graph.blocks import count_layer_parameters, layer_parameters, module_sizes
+
+        if getattr(self, "_layer_names", None) is None:
+            self._layer_names = layer_parameters(self.groups())
+            self._known_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        return (unique_param_count(self.model),
+                count_layer_parameters(module_sizes(self.model), self._layer_names, self._known_names))
 
     def prepare_output(self, out):
         from ..guards import model_bytes
@@ -153,6 +169,49 @@ class MemoryBackend(Backend):
         return "channels", (f"{type(self.model.config).__name__} derives head_dim from hidden_size / heads, so "
                             f"removing heads cannot be written to its config: pruning channels only")
 
+    def _without_data(self) -> str | None:
+        """Why this run has no calibration text to fit a compensation on, or None."""
+        if self.tokenizer is None:
+            return "the model has no tokenizer to read calibration text with"
+        if [str(c) for c in self.options.calib_sources] == ["none"]:
+            return "--calib none with a weight-only criterion reads no data"
+        return None
+
+    def default_compensation(self, criterion: str, chosen: list) -> tuple[str, str | None]:
+        from ..moe.channels import is_expert_channel
+        from ..passes import compensation
+
+        scorer = get_criterion(criterion)
+        nodata = self._without_data() if not scorer.needs else None
+        if nodata:
+            return "none", f"--compensate none: {nodata}"
+        if any(is_expert_channel(g) for g in chosen):
+            fallback = "none" if criterion != "flap" else compensation.fallback_for(criterion)
+            return fallback, (f"--compensate {fallback}: least squares refits plain linear layers, not the stacked "
+                              f"weights of routed experts")
+        if self.encoder and Need.GRADIENTS in scorer.needs:
+            return "none", ("--compensate none: compensation refits the FFN output before the encoder's residual "
+                            "LayerNorm, which a gradient criterion does not rank by (measured worse, "
+                            "docs/benchmarks.md)")
+        transposed = sorted({s.param for g in chosen for s in consumer_slices(g)
+                             if s.expert is None and s.axis != self.model.get_parameter(s.param).dim() - 1})
+        if transposed:
+            fallback = compensation.fallback_for(criterion)
+            return fallback, (f"--compensate {fallback}: least squares reads weights as [out, in] and "
+                              f"{transposed[0]} (a Conv1D) stores [in, out]")
+        return super().default_compensation(criterion, chosen)
+
+    def default_pipeline(self, chosen: list) -> tuple[str, str, bool]:
+        from ..moe.channels import is_expert_channel
+
+        if self.encoder:
+            # the loss-Fisher ranking needs an LM loss; on encoders FLAP's ranking is the measured one
+            return "flap", "lsq", False
+        if any(is_expert_channel(g) for g in chosen):
+            # structured OBS and least squares need plain linear layers, not stacked expert weights
+            return "flap", "bias", False
+        return super().default_pipeline(chosen)
+
     def default_allocation(self) -> str:
         # encoders keep one shape per layer, so plain AutoModel / SentenceTransformer load the output
         return "uniform" if self.encoder else "global"
@@ -166,8 +225,7 @@ class MemoryBackend(Backend):
         if self.encoder and stage.compensate != "none" and Need.GRADIENTS in scorer.needs:
             stage.notes.append(
                 f"--compensate {stage.compensate} refits the FFN output before the encoder's residual LayerNorm, "
-                f"which a gradient criterion does not rank by: measured worse than none (MiniLM-L6, fisher at 50%: "
-                f"domain MRR 0.573 without, 0.524 bias, 0.134 lsq)")
+                f"which a gradient criterion does not rank by: measured worse than none (docs/benchmarks.md, encoders)")
         if Need.GRADIENTS in stage.needs and not self.encoder \
                 and "labels" not in pyinspect.signature(self.model.forward).parameters:
             others = [n for n in available_criteria() if Need.GRADIENTS not in get_criterion(n).needs
@@ -184,27 +242,44 @@ class MemoryBackend(Backend):
                 raise PruningError(f"no {stage.target} groups left to prune: channels inside routed experts cannot "
                                    f"be used with --compensate lsq, --sequential or criterion obs")
         if stage.layerwise:
-            # The least-squares path reads consumer weights as [out, in]; GPT-2's Conv1D stores [in, out].
-            transposed = sorted({s.param for g in chosen for s in consumer_slices(g)
-                                 if s.expert is None and s.axis != self.model.get_parameter(s.param).dim() - 1})
-            if transposed:
-                asked = [what for what, on in (("--compensate lsq", stage.compensate == "lsq"),
-                                               ("--sequential", stage.sequential),
-                                               (f"criterion '{stage.criterion}'", Need.GRAMS in scorer.needs)) if on]
-                raise PruningError(f"{' and '.join(asked)} cannot handle weights stored as [in, out] yet (e.g. "
-                                   f"{transposed[0]}, a Conv1D): use --compensate bias or none, without --sequential")
+            from ..passes.base import Plan
+            from ..passes.layerwise import LayerwiseCompensation
+
+            LayerwiseCompensation.check(Plan(self.model, chosen, stage))
         return chosen
 
     # ------------------------------------------------------------------ calibration and scores
+    def _check_activation_memory(self, stage: Stage) -> None:
+        """Refuse, before any work, a calibration set whose activations cannot fit in memory: block by
+        block work keeps a block's inputs and outputs for every window (and the loss Fisher one block's
+        inputs per layer for the windows it uses)."""
+        from .stream.backend import available_memory_bytes
+
+        hidden = getattr(self.config, "hidden_size", None) or getattr(self.config, "n_embd", None)
+        available = available_memory_bytes()
+        if not hidden or available is None or not stage.layerwise:
+            return
+        options = self.options
+        tokens = options.nsamples * options.seqlen
+        layers = getattr(self.config, "num_hidden_layers", None) or 1
+        fisher = min(options.nsamples, getattr(stage.scorer, "fisher_windows", None) or options.nsamples)
+        needed = 4 * hidden * (3 * tokens + fisher * options.seqlen * layers)
+        if needed > 0.8 * available:
+            raise UserError(f"--nsamples {options.nsamples} x --seqlen {options.seqlen} needs about "
+                            f"{needed / 2**30:.1f} GiB of activations for block-by-block calibration and "
+                            f"{available / 2**30:.1f} GiB are available: lower --nsamples or --seqlen, or prune "
+                            f"layer by layer from disk with --stream")
+
     def _calibrate(self, stage: Stage, chosen: list) -> _Calibrated:
         options = self.options
         needs = stage.needs
         out = _Calibrated()
         if not needs:
             return out
+        self._check_activation_memory(stage)
         if self.tokenizer is None:
             raise UserError(f"criterion '{stage.criterion}' needs calibration text but the model has no tokenizer")
-        from ..calibration.sets import CalibrationSet, calibration_set
+        from ..calibration.sets import CalibrationSet, calibration_set, content_digest
 
         model = self.model
         calib = options.calib_sources[0]
@@ -223,21 +298,26 @@ class MemoryBackend(Backend):
                                        seed=options.seed, use_cache=options.use_cache, progress=options.progress)
             batches = generated.batches
             out.note = {"source": "none", "nsamples": options.nsamples, "seqlen": options.seqlen,
-                        "seed": options.seed, "generation": generated.settings}
+                        "seed": options.seed, "generation": generated.settings,
+                        "sha256": content_digest(batches)}
             domain = CalibrationSet(batches, lm_steps(model, batches, set_options["batch_size"]), dict(out.note))
         else:
             domain = calibration_set(model, self.tokenizer, calib, **set_options)
             batches = domain.windows
             out.note = dict(domain.note)
         out.batches = batches
+        check_windows_fit(self.config, batches)
+        if options.use_cache:
+            # Keys cover every byte of the weights and the tokenizer; the note carries the digest of the
+            # calibration windows (not only the file's path: an edited file is new data).
+            out.identity = (weights_fingerprint(model), tokenizer_fingerprint(self.tokenizer))
         if needs & (Need.ACTIVATIONS | Need.BLOCK_ANGLES):
             from ..moe.channels import expert_input_hooks
 
             modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g) if s.expert is None})
             expert_keys, expert_hooks = expert_input_hooks(model, chosen)
-            key = cache_key("stats-v1", weights_fingerprint(model), out.note, modules + expert_keys,
-                            Need.BLOCK_ANGLES in needs)
-            statistics = load_cached(key) if options.use_cache else None
+            key = cache_key("stats-v2", out.identity, out.note, modules + expert_keys, Need.BLOCK_ANGLES in needs)
+            statistics = load_cached(key, expect=modules + expert_keys) if options.use_cache else None
             out.cache_state = "hit" if statistics is not None else "miss" if options.use_cache else "off"
             if statistics is None:
                 statistics = collect(model, batches, input_modules=modules, block_angles=Need.BLOCK_ANGLES in needs,
@@ -251,7 +331,7 @@ class MemoryBackend(Backend):
 
             general = (calibration_set(model, self.tokenizer, options.calib_general, **set_options)
                        if options.calib_general else None)
-            key = cache_key("grads-v1", weights_fingerprint(model), domain.note, general and general.note,
+            key = cache_key("grads-v2", out.identity, domain.note, general and general.note,
                             set_options["batch_size"], [(g.id, g.units) for g in chosen])
             terms = gradient_terms(model, chosen, domain.steps, general and general.steps, progress=options.progress,
                                    cache_key=key if options.use_cache else None)
@@ -268,23 +348,41 @@ class MemoryBackend(Backend):
             out.note["generated_text"] = generated.texts  # after the cache key: reproducibility record
         return out
 
+    @contextlib.contextmanager
+    def _on_device(self):
+        """The model on --device, computing in --dtype (autocast), for the forward passes."""
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+        cast = (torch.autocast(self.device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
+                and self.compute_dtype != torch.float32 else contextlib.nullcontext())
+        with cast:
+            yield
+
+    def _to_cpu(self) -> None:
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+
     def score(self, stage: Stage, chosen: list) -> Scores:
         if stage.kind == "experts":
-            return self._score_experts(stage, chosen)
-        self._calibrated = calibrated = self._calibrate(stage, chosen)
+            return self._score_experts(stage, chosen)  # routing statistics are collected on the CPU
         scorer = stage.scorer
-        params = all_params(self.model)
-        groups = self.groups()
-        ctx = ScoringContext(self.model, groups, params, calibrated.statistics, calibrated.unit_gradients,
-                             calibrated.general_gradients, calibrated.alignment)
         comparable = stage.allocation == "global"
-        if scorer.form is Form.BLOCKS:
-            key = (cache_key("obs-paths-v2", weights_fingerprint(self.model), calibrated.note,
-                             scorer.path_options(self.model), self.options.floor, [(g.id, g.units) for g in chosen])
-                   if self.options.use_cache else None)
-            scores = score_blocks(scorer, calibrated.runner, chosen, params, floor=self.options.floor,
-                                  comparable=comparable, cache_key=key)
-        else:
+        with self._on_device():
+            self._calibrated = calibrated = self._calibrate(stage, chosen)
+            if calibrated.statistics is not None:
+                calibrated.statistics.cpu()
+            if scorer.form is Form.BLOCKS:
+                key = (cache_key("obs-paths-v3", calibrated.identity, calibrated.note,
+                                 scorer.path_options(self.model), self.options.floor,
+                                 [(g.id, g.units) for g in chosen]) if self.options.use_cache else None)
+                scores = score_blocks(scorer, calibrated.runner, chosen, all_params(self.model),
+                                      floor=self.options.floor, comparable=comparable, cache_key=key)
+        if scorer.form is not Form.BLOCKS:
+            self._to_cpu()
+        params = all_params(self.model)
+        ctx = ScoringContext(self.model, self.groups(), params, calibrated.statistics, calibrated.unit_gradients,
+                             calibrated.general_gradients, calibrated.alignment)
+        if scorer.form is not Form.BLOCKS:
             scores = score_units(scorer, chosen, ctx, comparable=comparable)
         scores.diagnostics = scorer.diagnostics(chosen, ctx)
         return scores
@@ -313,7 +411,6 @@ class MemoryBackend(Backend):
         """Expert scores per layer (as a `Scores` keyed by the layers' expert group ids)."""
         from ..calibration.text import load_calibration, needs_bos
         from ..calibration.selfgen import self_generated
-        from ..moe.routing import collect_expert_stats
 
         options = self.options
         scorer = stage.scorer
@@ -331,14 +428,40 @@ class MemoryBackend(Backend):
                 else:
                     batches = load_calibration(source, self.tokenizer, nsamples=options.nsamples,
                                                seqlen=options.seqlen, seed=options.seed, add_bos=needs_bos(self.model))
-                stats = collect_expert_stats(self.model, layers, batches, batch_size=options.batch_size,
-                                             progress=options.progress)
+                stats = self._routing_statistics(layers, batches, str(source))
                 for name, st in stats.items():
                     domains[name].append(st)
         per_layer = score_expert_layers(scorer, layers, domains)
         self._expert_calibration = ({"sources": sources, "nsamples": options.nsamples, "seqlen": options.seqlen,
                                      "seed": options.seed, **self.generated} if scorer.needs else None)
         return Scores({layer.group.id: per_layer[layer.layer] for layer in layers})
+
+    def _routing_statistics(self, layers: list, batches: torch.Tensor, source: str) -> dict:
+        """Routing statistics of `batches`, cached like the activation statistics (so comparing expert
+        criteria on the same calibration collects them once)."""
+        from ..calibration.cache import read_cache_entry, write_cache_tensors
+        from ..moe.routing import ExpertStats, collect_expert_stats
+
+        options = self.options
+        key = cache_key("routing-v1", weights_fingerprint(self.model), source,
+                        cache_key(batches.numpy().tobytes()), [layer.experts for layer in layers])
+        cached = read_cache_entry(key) if options.use_cache else None
+        names = [f.name for f in dataclasses.fields(ExpertStats)]
+        if cached is not None and all(f"{layer.experts}/{n}" in cached for layer in layers for n in names):
+            return {layer.experts: ExpertStats(**{n: (int(cached[f"{layer.experts}/{n}"][0])
+                                                      if n in ("tokens", "residual_tokens")
+                                                      else cached[f"{layer.experts}/{n}"]) for n in names})
+                    for layer in layers}
+        stats = collect_expert_stats(self.model, layers, batches, batch_size=options.batch_size,
+                                     progress=options.progress)
+        if options.use_cache:
+            tensors = {}
+            for module, st in stats.items():
+                for n in names:
+                    value = getattr(st, n)
+                    tensors[f"{module}/{n}"] = torch.tensor([value]) if isinstance(value, int) else value
+            write_cache_tensors(key, tensors)
+        return stats
 
     def expert_calibration_note(self) -> dict | None:
         return getattr(self, "_expert_calibration", None)
@@ -355,9 +478,11 @@ class MemoryBackend(Backend):
         if calibrated is not None and stage.layerwise:
             from ..passes.layerwise import LayerwiseCompensation
 
-            result = LayerwiseCompensation("lsq" if stage.compensate == "lsq" else "bias", sequential=stage.sequential,
-                                           damp=self.options.damp, criterion=stage.scorer).run(
-                calibrated.runner, chosen, removed, all_params(self.model))
+            with self._on_device():
+                result = LayerwiseCompensation("lsq" if stage.compensate == "lsq" else "bias",
+                                               sequential=stage.sequential, damp=self.options.damp,
+                                               criterion=stage.scorer).run(calibrated.runner, chosen, removed,
+                                                                           all_params(self.model))
             removed, compensated = result.removed, result.weights
             errors = list(result.relative_error.values())
             report["layerwise"] = {
@@ -371,6 +496,7 @@ class MemoryBackend(Backend):
             calibrated.runner = None
         elif stage.kind == "units":
             report["layerwise"] = None
+        self._to_cpu()
         new_model, extra = rewrite_model(
             self.model, self.groups(), chosen, removed,
             statistics=calibrated.statistics if calibrated is not None and stage.compensate == "bias" else None,
@@ -380,7 +506,18 @@ class MemoryBackend(Backend):
         self._groups = None
         return StageResult(removed, report)
 
+    def output_dtype(self) -> torch.dtype | None:
+        """--out-dtype, else the dtype the input's weights are stored in (None: as loaded)."""
+        from ..devices import resolve_dtype
+
+        if self.options.out_dtype is not None:
+            return resolve_dtype(self.options.out_dtype)
+        return getattr(self.loaded, "stored_dtype", None)
+
     def finish(self, report: dict, out) -> torch.nn.Module:
+        dtype = self.output_dtype()
+        if dtype is not None and dtype != next(self.model.parameters()).dtype:
+            self.model = self.model.to(dtype)
         if out is not None:
             from ..io.hf import save_pruned
 

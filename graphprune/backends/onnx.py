@@ -187,9 +187,12 @@ class ShapeConstants:
         for k, o in enumerate(producer.output):
             if o:
                 clone.output[k] = self._fresh(o)
-                self.producer[clone.output[k]] = clone
         out = clone.output[list(producer.output).index(consumer.input[pos])]
         self.proto.graph.node.append(clone)
+        clone = self.proto.graph.node[-1]  # protobuf's append stores a copy: edit the stored node
+        for o in clone.output:
+            if o:
+                self.producer[o] = clone
         consumer.input[pos] = out
         self.set_element(clone, input_pos, index, value)
 
@@ -369,11 +372,16 @@ def compensate_biases(proto: onnx.ModelProto, groups: GroupSet, chosen: list[Gro
 
 
 # ============================================================================ pipeline
-def _layer_params(groups: GroupSet) -> int:
-    """Parameters of initializers inside numbered blocks (the sparsity denominator), or all."""
-    params = [t for t in groups.graph.tensors.values() if t.kind in (PARAM, STATE)]
-    in_layers = [t for t in params if any(part.isdigit() for part in (t.source_name or t.name).split("."))]
-    return sum(int(np.prod(t.shape)) for t in (in_layers or params))
+def _layer_params(proto: onnx.ModelProto, groups: GroupSet) -> int:
+    """Elements of the initializers of `proto` that are parameters of its repeated blocks (found from
+    the graph's structure by `graph.blocks.layer_parameters`, whatever the initializers are called):
+    the sparsity denominator, read off the proto itself (after a rewrite: the pruned one)."""
+    from ..graph.blocks import layer_parameters
+
+    sizes = {i.name: int(np.prod(i.dims)) for i in proto.graph.initializer}
+    tensors = {t.source_name or t.name: t for t in groups.graph.tensors.values()}
+    return sum(sizes[name] if name in sizes else int(np.prod(tensors[name].shape))
+               for name in layer_parameters(groups))
 
 
 def _example_feeds(sess, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -569,6 +577,10 @@ class OnnxBackend(Backend):
             return f"allocation '{stage.allocation}' needs {', '.join(missing.names())}; {ONNX_COMPUTES}"
         return super().refusal(stage, target_parts)
 
+    def default_pipeline(self, chosen: list) -> tuple[str, str, bool]:
+        """FLAP with its bias compensation: the best this backend computes (activation statistics)."""
+        return "flap", "bias", False
+
     def __init__(self, source: Any, options, *, tokenizer: Any = None) -> None:
         from ..io.onnx_files import load_checked_with_files
 
@@ -606,7 +618,7 @@ class OnnxBackend(Backend):
     def param_counts(self) -> tuple[int, int]:
         groups = self.groups()
         params = [t for t in groups.graph.tensors.values() if t.kind in (PARAM, STATE)]
-        return sum(int(np.prod(t.shape)) for t in params), _layer_params(groups)
+        return sum(int(np.prod(t.shape)) for t in params), _layer_params(self.proto, groups)
 
     def prepare_output(self, out) -> Path:
         from ..io.onnx_files import prepare_output_file

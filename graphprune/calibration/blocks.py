@@ -70,10 +70,13 @@ class Replacement:
 class BlockRun:
     grams: dict[str, Gram] = field(default_factory=dict)  # full module name -> Gram of its input
     outputs: list[torch.Tensor] | None = None
+    captured: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # module -> its input per batch
 
 
 class BlockRunner:
     """Calibration batches pushed through a model one block at a time."""
+
+    holds_activations = True  # everything is in memory: a dense sweep may keep what it measures
 
     def __init__(self, model: torch.nn.Module, batches: torch.Tensor, *, batch_size: int = 8,
                  progress: bool = True) -> None:
@@ -86,7 +89,9 @@ class BlockRunner:
         self.prefix, self.blocks = found
         self.progress = progress
         self.modules = dict(model.named_modules())
-        chunks = [batches[i:i + batch_size] for i in range(0, batches.shape[0], batch_size)]
+        device = next(model.parameters()).device
+        chunks = [batches[i:i + batch_size].to(device) for i in range(0, batches.shape[0], batch_size)]
+        self.batches_by_batch = chunks
         self.inputs: list[torch.Tensor] = []
         self._calls: list[list[Call] | Call] = []  # per batch: one call for all blocks, or one per block
         body = getattr(model, "base_model", None) or model
@@ -161,48 +166,235 @@ class BlockRunner:
             handle.remove()
         return captured[0]
 
+    def call(self, index: int, batch: int) -> Call:
+        """What block `index` is called with (besides its hidden states) for batch `batch`."""
+        call = self._calls[batch]
+        return call if isinstance(call, Call) else call[index]
+
     def run_block(self, index: int, inputs: list[torch.Tensor], *, gram_modules: tuple[str, ...] = (),
                   replacements: dict[str, Replacement] | None = None, keep_outputs: bool = True,
+                  stop_after: str | None = None, capture_inputs: tuple[str, ...] = (),
                   desc: str | None = None) -> BlockRun:
-        """Run block `index` on `inputs` (one tensor per batch); see the module docstring."""
-        block = self.blocks[index]
-        result = BlockRun(outputs=[] if keep_outputs else None)
-        handles = []
-        for name in gram_modules:
-            handles.append(self.modules[name].register_forward_pre_hook(self._gram_hook(name, result)))
-        for name, rep in (replacements or {}).items():
-            def replace(module, args, output, rep=rep):
-                return torch.nn.functional.linear(args[0], rep.weight.to(args[0].dtype),
-                                                  None if rep.bias is None else rep.bias.to(args[0].dtype))
-            handles.append(self.modules[name].register_forward_hook(replace))
-        try:
-            with torch.no_grad():
-                batches = zip(inputs, self._calls)
-                for x, call in tqdm(batches, total=len(inputs), desc=desc, unit="batch", leave=False,
-                                    disable=not (self.progress and desc)):
-                    call = call if isinstance(call, Call) else call[index]
-                    out = block(x, *call.args, **call.kwargs)
-                    if isinstance(out, (tuple, list)):
-                        out = out[0]
-                    if keep_outputs:
-                        result.outputs.append(out.detach())
-        finally:
-            for h in handles:
-                h.remove()
-        return result
+        """Run block `index` on `inputs` (one tensor per batch); see `run_block_batches`."""
+        return run_block_batches(self.blocks[index], self.modules, inputs, lambda b: self.call(index, b),
+                                 gram_modules=gram_modules, replacements=replacements, keep_outputs=keep_outputs,
+                                 stop_after=stop_after, capture_inputs=capture_inputs, desc=desc,
+                                 progress=self.progress)
 
-    @staticmethod
-    def _gram_hook(name: str, result: BlockRun):
-        def hook(module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-            # One batch summed in float32 (≈1k tokens: exact enough), the running sum in float64.
-            part = (x.T @ x).to(torch.float64)
-            gram = result.grams.get(name)
-            if gram is None:
-                result.grams[name] = Gram(part, x.shape[0])
-            else:
-                gram.sum += part
-                gram.count += x.shape[0]
-        return hook
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer by every name (tied names too)."""
+        out = dict(self.model.named_parameters(remove_duplicate=False))
+        out.update(dict(self.model.named_buffers()))
+        return out
+
+    def head_gradient(self, batch: int, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """∂(Σ token LM loss)/∂(last block's output) for batch `batch`, and the tokens it predicts: the
+        model's own forward runs with every block replaced by a stand-in returning `hidden` (so the
+        final norm, the LM head and the loss are the model's)."""
+        ids = self.batches_by_batch[batch]
+        return head_gradient(self.model, self.blocks, ids, hidden, self._call_kwargs)
+
+    def backward_block(self, index: int, inputs: list[torch.Tensor], grads: list[torch.Tensor],
+                       modules: list[str], sums: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return backward_block_batches(self.blocks[index], self.modules, inputs, grads,
+                                      lambda b: self.call(index, b), modules, sums)
+
+    def output_fisher(self, modules: list[str], *, batches: int | None = None) -> dict[str, torch.Tensor]:
+        return output_fisher_by_blocks(self, modules, batches=batches)
+
+def gram_hook(name: str, result: BlockRun):
+    """A forward pre-hook adding the module's input to `result.grams[name]` (E[x̃ x̃ᵀ], x̃ = (x, 1))."""
+    def hook(module, args):
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        # One batch summed in float32 (≈1k tokens: exact enough), the running sum in float64.
+        part = (x.T @ x).to(torch.float64).cpu()
+        gram = result.grams.get(name)
+        if gram is None:
+            result.grams[name] = Gram(part, x.shape[0])
+        else:
+            gram.sum += part
+            gram.count += x.shape[0]
+    return hook
+
+
+def run_block_batches(block: torch.nn.Module, modules: dict[str, torch.nn.Module], inputs: list[torch.Tensor],
+                      call_of, *, gram_modules: tuple[str, ...] = (), replacements: dict[str, Replacement] | None = None,
+                      keep_outputs: bool = True, stop_after: str | None = None, capture_inputs: tuple[str, ...] = (),
+                      desc: str | None = None, progress: bool = False) -> BlockRun:
+    """Run `block` on every batch of `inputs` (`call_of(b)` gives batch b's other arguments), with the
+    Gram matrices of `gram_modules` accumulated and `replacements` standing in for linear layers (a
+    forward hook recomputes their output with the new weights: the model is never written to).
+    `stop_after` ends each batch's forward once that module's input is seen (what comes after is not
+    needed); `capture_inputs` keeps those modules' inputs per batch (`BlockRun.captured`)."""
+    result = BlockRun(outputs=[] if keep_outputs else None)
+    handles = []
+    for name in gram_modules:
+        handles.append(modules[name].register_forward_pre_hook(gram_hook(name, result)))
+    for name in capture_inputs:
+        def capture(module, args, name=name):
+            result.captured.setdefault(name, []).append(args[0].detach())
+        handles.append(modules[name].register_forward_pre_hook(capture))
+    if stop_after is not None:
+        def stop(module, args):
+            raise StopForward
+        handles.append(modules[stop_after].register_forward_pre_hook(stop))
+    for name, rep in (replacements or {}).items():
+        def replace(module, args, output, rep=rep):
+            x = args[0]
+            return torch.nn.functional.linear(x, rep.weight.to(x.device, x.dtype),
+                                              None if rep.bias is None else rep.bias.to(x.device, x.dtype))
+        handles.append(modules[name].register_forward_hook(replace))
+    try:
+        with torch.no_grad():
+            for b, x in tqdm(list(enumerate(inputs)), desc=desc, unit="batch", leave=False,
+                             disable=not (progress and desc)):
+                call = call_of(b)
+                try:
+                    out = block(x, *call.args, **call.kwargs)
+                except StopForward:
+                    continue
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                if keep_outputs:
+                    result.outputs.append(out.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    return result
+
+
+class _StandIn(torch.nn.Module):
+    """Takes a block's place while a model's own forward replays: returns the prepared output (or
+    its input), so the model's code computes what comes after the blocks (final norm, LM head, loss)
+    from given block outputs. Attribute reads fall through to the real block."""
+
+    def __init__(self, block: torch.nn.Module, output: torch.Tensor | None) -> None:
+        super().__init__()
+        self.__dict__.update(_block=block, _output=output)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        return hidden if self._output is None else self._output
+
+
+def head_gradient(model: torch.nn.Module, blocks: torch.nn.ModuleList, input_ids: torch.Tensor,
+                  hidden: torch.Tensor, call_kwargs: dict) -> tuple[torch.Tensor, int]:
+    """∂(Σ token LM loss)/∂hidden where `hidden` is the last block's output for `input_ids`, and the
+    number of predicted tokens. The summed - not mean - loss, so batches of any size weigh each
+    token the same."""
+    last = hidden.detach().requires_grad_(True)
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _StandIn(block, last if i == len(originals) - 1 else None)
+    try:
+        with torch.enable_grad():
+            out = model(input_ids=input_ids, labels=input_ids, **call_kwargs)
+            predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
+            (out.loss * predicted).backward()
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return last.grad.detach(), input_ids.numel()
+
+
+def backward_block_batches(block: torch.nn.Module, modules: dict[str, torch.nn.Module], inputs: list[torch.Tensor],
+                           grads: list[torch.Tensor], call_of, fisher_modules: list[str],
+                           sums: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Backpropagate `grads` (∂loss/∂block output, per batch) through `block` recomputed from its
+    `inputs`; adds (∂loss/∂y)² of each output y of `fisher_modules` to `sums`; returns ∂loss/∂input."""
+    handles = []
+    for name in fisher_modules:
+        def keep(module, args, out, name=name):
+            def accumulate(grad):
+                sums[name].add_((grad.detach().double() ** 2).reshape(-1, grad.shape[-1]).sum(0).cpu())
+            out.register_hook(accumulate)
+        handles.append(modules[name].register_forward_hook(keep))
+    upstream = []
+    try:
+        with torch.enable_grad():
+            for b, (x, g) in enumerate(zip(inputs, grads)):
+                x = x.detach().requires_grad_(True)
+                call = call_of(b)
+                out = block(x, *call.args, **call.kwargs)
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                torch.autograd.backward(out, g)
+                upstream.append(x.grad.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    return upstream
+
+
+class ActivationStack(list):
+    """Each block's inputs between the forward and the backward sweep, in memory (the streaming
+    backend spills them to disk instead)."""
+
+    def push(self, tensors: list[torch.Tensor]) -> None:
+        self.append(tensors)
+
+
+@dataclass
+class DenseSweep:
+    """What a forward over the dense blocks measured on the way (see `output_fisher_by_blocks`)."""
+
+    grams: dict[int, dict[str, Gram]] = field(default_factory=dict)  # block -> module -> Gram of its input
+    residual: dict[int, float] = field(default_factory=dict)  # block -> mean squared norm of its input
+
+
+def output_fisher_by_blocks(source, modules: list[str], *, batches: int | None = None,
+                            gram_modules: dict[int, tuple[str, ...]] | None = None,
+                            sweep: DenseSweep | None = None) -> dict[str, torch.Tensor]:
+    """E_t[(∂ℓ_t/∂y_o)²] for every output o of each module in `modules` (the diagonal Fisher of the
+    token LM loss with respect to the layer's output), block by block: a forward over the blocks
+    keeping each block's inputs, the loss on the model's head, then a backward one block at a time
+    (each recomputed from its stored inputs). `source` is a block source (`BlockRunner`, or the
+    streaming backend's); `batches` limits it to the first calibration batches. Parameters never
+    get gradients. With `gram_modules` (block -> modules) the forward runs every calibration batch and
+    fills `sweep` with those modules' input Gram matrices and each block's input energy: one dense
+    forward serves both the Fisher and what structured OBS needs."""
+    count = len(source.inputs) if batches is None else min(batches, len(source.inputs))
+    by_block: dict[int, list[str]] = {}
+    for name in modules:
+        for index in range(len(source)):
+            if name.startswith(source.block_name(index) + "."):
+                by_block.setdefault(index, []).append(name)
+                break
+    sums = {m: torch.zeros(source.modules[m].out_features, dtype=torch.float64) for m in modules}
+    requires = {p: p.requires_grad for p in source.model.parameters()}
+    for p in requires:
+        p.requires_grad_(False)
+    store = source.activation_store() if hasattr(source, "activation_store") else ActivationStack()
+    try:
+        hidden = list(source.inputs if gram_modules is not None else source.inputs[:count])
+        for index in range(len(source)):
+            store.push(hidden[:count])
+            wanted = tuple(gram_modules.get(index, ())) if gram_modules is not None else ()
+            run = source.run_block(index, hidden, gram_modules=wanted, desc=f"dense forward {index}")
+            if gram_modules is not None:
+                sweep.grams[index] = run.grams
+                sweep.residual[index] = float(sum((x.double() ** 2).sum() for x in hidden) /
+                                              sum(x[..., 0].numel() for x in hidden))
+            hidden = run.outputs
+        hidden = hidden[:count]
+        tokens = 0
+        grads = []
+        for b, last in enumerate(hidden):
+            g, n = source.head_gradient(b, last)
+            grads.append(g)
+            tokens += n
+        for index in reversed(range(len(source))):
+            grads = source.backward_block(index, store.pop(), grads, by_block.get(index, []), sums)
+    finally:
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    return {m: s / max(tokens, 1) for m, s in sums.items()}

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache import read_cache_entry, write_cache_tensors
+from .cache import discard, read_cache_entry, write_cache_tensors
 from ..graph.groups import Group
+from ..progress import in_stage
 
 LossStep = Callable[[], torch.Tensor]
 
@@ -32,7 +33,10 @@ class GradientStats:
 
 def lm_steps(model: torch.nn.Module, batches: torch.Tensor, batch_size: int) -> list[LossStep]:
     """LM-loss closures over [n, seqlen] token windows, `batch_size` windows each."""
+    device = next(model.parameters()).device
+
     def step(chunk):
+        chunk = chunk.to(device)
         return lambda: model(input_ids=chunk, labels=chunk).loss
     return [step(batches[i:i + batch_size]) for i in range(0, batches.shape[0], batch_size)]
 
@@ -63,7 +67,7 @@ def unit_gradients(model: torch.nn.Module, steps: Sequence[LossStep], chosen: li
                     grad = params[name].grad
                     if grad is not None:
                         acc = sums.setdefault(name, torch.zeros(grad.shape, dtype=torch.float64))
-                        acc += grad.to(torch.float64)
+                        acc += grad.to("cpu", torch.float64)
             for g in chosen:
                 per_unit = torch.zeros(g.units, dtype=torch.float64)
                 counted = set()
@@ -74,7 +78,7 @@ def unit_gradients(model: torch.nn.Module, steps: Sequence[LossStep], chosen: li
                     if p.grad is None or key in counted:
                         continue
                     counted.add(key)
-                    wg = s.units_first((p.detach() * p.grad).to(torch.float64))
+                    wg = s.units_first((p.detach() * p.grad).to("cpu", torch.float64))
                     idx = torch.as_tensor(s.indices)
                     per_unit += wg[idx.reshape(-1)].reshape(g.units, -1).sum(1)
                 units[g.id]["sum"] += per_unit.numpy()
@@ -123,6 +127,7 @@ class GradientTerms:
     cached: bool = False
 
 
+@in_stage("calibrate")
 def gradient_terms(model: torch.nn.Module, chosen: list[Group], domain_steps: Sequence[LossStep],
                    general_steps: Sequence[LossStep] | None, *, progress: bool, cache_key: str | None) -> GradientTerms:
     """Gradient statistics of one or two calibration sets, from the cache when `cache_key` is
@@ -160,21 +165,53 @@ def _save_terms(key: str, terms: GradientTerms) -> None:
 
 
 def _load_terms(key: str, chosen: list[Group]) -> GradientTerms | None:
+    """The terms stored under `key`; None when absent, damaged or not for `chosen` (a damaged or
+    malformed entry is discarded with a one-line warning and recomputed)."""
     tensors = read_cache_entry(key)
     if tensors is None:
         return None
+    try:
+        terms = _parse_terms(tensors, chosen)
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError, RuntimeError) as error:
+        discard(key, str(error) or type(error).__name__)
+        return None
+    if any(g.id not in terms.domain or len(terms.domain[g.id]["sum"]) != g.units for g in chosen):
+        return None
+    terms.cached = True
+    return terms
+
+
+def _parse_terms(tensors: dict[str, torch.Tensor], chosen: list[Group]) -> GradientTerms:
     terms = GradientTerms({})
     for name, value in tensors.items():
-        kind, rest = name.split("/", 1)
+        kind, _, rest = name.partition("/")
         if kind == "alignment":
             terms.alignment[rest] = value.numpy()
         elif kind == "loss":
-            terms.mean_loss[rest] = float(value[0])
-        else:
-            gid, field_name = rest.rsplit("/", 1)
+            terms.mean_loss[rest] = float(value.reshape(-1)[0])
+        elif kind in ("domain", "general"):
+            gid, _, field_name = rest.rpartition("/")
+            if field_name not in ("sum", "sumsq", "batches"):
+                raise ValueError(f"unexpected tensor '{name}'")
             entry = getattr(terms, kind).setdefault(gid, {})
-            entry[field_name] = int(value[0]) if field_name == "batches" else value.numpy()
-    if any(g.id not in terms.domain or len(terms.domain[g.id].get("sum", ())) != g.units for g in chosen):
-        return None
-    terms.cached = True
+            entry[field_name] = int(value.reshape(-1)[0]) if field_name == "batches" else value.numpy()
+        else:
+            raise ValueError(f"unexpected tensor '{name}'")
+    if "domain" not in terms.mean_loss:
+        raise ValueError("no tensor 'loss/domain'")
+    units = {g.id: g.units for g in chosen}
+    for kind in ("domain", "general"):
+        for gid, entry in getattr(terms, kind).items():
+            absent = sorted({"sum", "sumsq", "batches"} - set(entry))
+            if absent:
+                raise ValueError(f"no tensor '{kind}/{gid}/{absent[0]}'")
+            if entry["sum"].shape != entry["sumsq"].shape or entry["sum"].ndim != 1:
+                raise ValueError(f"the {kind} statistics of {gid} have shapes {entry['sum'].shape} and "
+                                 f"{entry['sumsq'].shape}")
+            if gid in units and len(entry["sum"]) != units[gid]:
+                raise ValueError(f"the {kind} statistics of {gid} have {len(entry['sum'])} units, the group "
+                                 f"{units[gid]}")
+    for gid, values in terms.alignment.items():
+        if gid in units and values.shape != (units[gid],):
+            raise ValueError(f"the alignment of {gid} has shape {values.shape}, the group {units[gid]} units")
     return terms

@@ -45,8 +45,11 @@ class Pair:
 
 def read_pairs(source: str | Path) -> list[Pair]:
     """All pairs of `source` (a .jsonl / .tsv pair file, a text file, or "default"), in file order."""
+    from graphprune.calibration.data import CalibrationData
     from graphprune.calibration.text import DEFAULT_SOURCE, read_calibration_text, read_text_file
 
+    if isinstance(source, CalibrationData):  # texts given from Python: pairs from their paragraphs
+        return _require_some(pairs_from_text(source.text()), source, derived=True)
     if isinstance(source, str) and source == DEFAULT_SOURCE:
         return _require_some(pairs_from_text(read_calibration_text(source)), source, derived=True)
     path = Path(source).expanduser()

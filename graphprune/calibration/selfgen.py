@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
 from .text import bos_token_id
+from ..progress import in_stage
 
 OPENERS = ("The", "In", "A", "It", "This", "When", "After", "One", "He", "She", "They", "We", "There", "As",
            "According", "During", "Although", "If", "Many", "Some")
@@ -94,13 +95,14 @@ def generate_calibration(model: torch.nn.Module, tokenizer: Any, *, nsamples: in
                    if start.openers else [start.context] * nsamples)
         steps = range(0, nsamples, batch_size)
         for begin in tqdm(steps, desc="generating calibration", unit="batch", disable=not progress, leave=False):
-            ids = torch.tensor(prompts[begin:begin + batch_size], dtype=torch.long)
+            ids = torch.tensor(prompts[begin:begin + batch_size], dtype=torch.long,
+                               device=next(model.parameters()).device)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                      temperature=temperature, top_p=top_p, top_k=0,
                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                      pad_token_id=pad, use_cache=True)
-            rows.append(out[:, len(start.context) - start.kept:])  # context beyond the kept BOS is dropped
+            rows.append(out[:, len(start.context) - start.kept:].cpu())  # context beyond the kept BOS is dropped
     batches = torch.cat(rows)
     if batches.shape != (nsamples, seqlen):
         raise CalibrationError(f"generation produced {tuple(batches.shape)} tokens, expected {(nsamples, seqlen)}")
@@ -112,35 +114,54 @@ def generate_calibration(model: torch.nn.Module, tokenizer: Any, *, nsamples: in
     return GeneratedCalibration(batches, texts, settings)
 
 
-def cached_generation(key: str, generate) -> GeneratedCalibration:
+def cached_generation(key: str, generate, *, shape: tuple[int, int] | None = None) -> GeneratedCalibration:
     """`generate()` once per key: the token ids (safetensors) and texts/settings (JSON) are kept in the
-    calibration cache, so re-pruning at another sparsity does not sample again."""
+    calibration cache, so re-pruning at another sparsity does not sample again. The ids entry carries
+    the checksum of the ids and the sha256 of the JSON file; an entry that does not verify, or whose
+    ids are not `shape` or whose texts do not match them, is regenerated after a one-line warning."""
+    import hashlib
     import json
 
-    from safetensors.torch import load_file, save_file
-
-    from .cache import cache_dir, write_cache_entry
+    from .cache import cache_dir, discard, read_cache_entry_with_metadata, write_cache_entry, write_cache_tensors
 
     directory = cache_dir()
     ids_path, meta_path = directory / f"{key}.safetensors", directory / f"{key}.json"
-    if ids_path.exists() and meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            return GeneratedCalibration(load_file(str(ids_path))["ids"], meta["texts"], meta["settings"])
-        except Exception:  # noqa: BLE001 - a damaged cache entry is regenerated, never trusted
-            pass
+    if ids_path.exists():
+        entry = read_cache_entry_with_metadata(key)
+        if entry is not None:
+            (tensors, metadata), why = entry, None
+            try:
+                meta_bytes = meta_path.read_bytes()
+                if hashlib.sha256(meta_bytes).hexdigest() != metadata.get("json_sha256"):
+                    why = f"{meta_path.name} does not match its checksum"
+                else:
+                    meta = json.loads(meta_bytes.decode("utf-8"))
+                    ids, texts, settings = tensors["ids"], meta["texts"], meta["settings"]
+                    if shape is not None and tuple(ids.shape) != tuple(shape):
+                        why = f"its token ids have shape {tuple(ids.shape)}, expected {tuple(shape)}"
+                    elif not isinstance(texts, list) or len(texts) != ids.shape[0] or not isinstance(settings, dict):
+                        why = f"{meta_path.name} does not describe its token ids"
+                    else:
+                        return GeneratedCalibration(ids, texts, settings)
+            except FileNotFoundError:
+                why = f"{meta_path.name} is missing"
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+                why = f"{type(error).__name__}: {error}"
+            discard(key, why)
     result = generate()
-    # ids first: an entry counts only when both files exist
-    write_cache_entry(ids_path.name, lambda tmp: save_file({"ids": result.batches.contiguous()}, str(tmp)))
-    write_cache_entry(meta_path.name, lambda tmp: tmp.write_text(
-        json.dumps({"texts": result.texts, "settings": result.settings}), encoding="utf-8"))
+    meta_text = json.dumps({"texts": result.texts, "settings": result.settings})
+    # JSON first, then the ids that vouch for it: an entry counts only when the ids verify
+    write_cache_entry(meta_path.name, lambda tmp: tmp.write_bytes(meta_text.encode("utf-8")))
+    write_cache_tensors(key, {"ids": result.batches},
+                        metadata={"json_sha256": hashlib.sha256(meta_text.encode("utf-8")).hexdigest()})
     return result
 
 
+@in_stage("calibrate")
 def self_generated(model: torch.nn.Module, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int,
                    use_cache: bool = True, progress: bool = True) -> GeneratedCalibration:
     """`--calib none`: the calibration `model` writes itself, cached per (weights, sizes, seed)."""
-    from .cache import cache_key, weights_fingerprint
+    from .cache import cache_key, tokenizer_fingerprint, weights_fingerprint
     from .text import needs_bos
 
     def generate():
@@ -149,5 +170,6 @@ def self_generated(model: torch.nn.Module, tokenizer: Any, *, nsamples: int, seq
 
     if not use_cache:
         return generate()
-    return cached_generation(cache_key("selfgen-v3", weights_fingerprint(model), nsamples, seqlen, seed,
-                                       DEFAULT_TEMPERATURE, DEFAULT_TOP_P), generate)
+    return cached_generation(cache_key("selfgen-v4", weights_fingerprint(model), tokenizer_fingerprint(tokenizer),
+                                       nsamples, seqlen, seed, DEFAULT_TEMPERATURE, DEFAULT_TOP_P), generate,
+                             shape=(nsamples, seqlen))

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.structure import find_blocks
+from ..progress import in_stage
 
 
 @dataclass
@@ -45,6 +46,12 @@ class Calibration:
     block_angle: dict[int, float] = field(default_factory=dict)  # decoder block -> Σ_t arccos(cos)/π
     tokens: int = 0
 
+    def cpu(self) -> "Calibration":
+        """The statistics on the CPU (they were accumulated on the model's device)."""
+        for name, st in self.inputs.items():
+            self.inputs[name] = InputStats(st.count, st.sum.cpu(), st.sumsq.cpu())
+        return self
+
 
 def input_stats_hook(stats: dict[str, InputStats], name: str):
     """A forward pre-hook adding the module's input to `stats[name]` (float64 running sums on the
@@ -73,6 +80,7 @@ def block_angle(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((torch.arccos(cos.clamp(-1.0, 1.0)) / torch.pi).sum())
 
 
+@in_stage("calibrate")
 def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: list[str] = (),
             block_angles: bool = False, batch_size: int = 8,
             progress: bool = True, add_kwargs: dict | None = None, extra_hooks=()) -> Calibration:
@@ -104,8 +112,9 @@ def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: lis
     try:
         with torch.no_grad():
             steps = range(0, batches.shape[0], batch_size)
+            device = next(model.parameters()).device
             for start in tqdm(steps, desc="calibration", unit="batch", disable=not progress, leave=False):
-                chunk = batches[start:start + batch_size]
+                chunk = batches[start:start + batch_size].to(device)
                 body(input_ids=chunk, **kwargs)
                 result.tokens += chunk.numel()
     finally:

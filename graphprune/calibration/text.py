@@ -7,15 +7,20 @@ text and tokenizer always give the same windows.
 
 from __future__ import annotations
 
+import codecs
+import os
 import random
 import re
+import stat
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graphprune.errors import CalibrationError
+from graphprune.errors import CalibrationError, GraphpruneWarning
+from graphprune.progress import in_stage
 
 DEFAULT_SOURCE = "default"
 HF_DATASET_PREFIX = "hf:"
@@ -30,35 +35,80 @@ def default_calibration_text() -> str:
     return resources.files("graphprune.data").joinpath(_EXCERPT_RESOURCE).read_text(encoding="utf-8")
 
 
+# Read at most this much of a text file: three times wiki.train (about 10 MB), several hundred times what
+# a calibration set needs (128 windows of 128 tokens are about 100 kB of text), so a huge file (or one
+# that never ends) is never read whole. Larger files are read up to here and the user is told.
+MAX_TEXT_BYTES = 32 * 2**20
+_FILE_TYPES = ((stat.S_ISDIR, "a directory, not a text file"),
+               (stat.S_ISFIFO, "a named pipe (FIFO), not a regular file"),
+               (stat.S_ISCHR, "a character device, not a regular file"),
+               (stat.S_ISBLK, "a block device, not a regular file"), (stat.S_ISSOCK, "a socket, not a regular file"))
+
+
+def _not_regular(path: Path, mode: int) -> CalibrationError:
+    kind = next((what for test, what in _FILE_TYPES if test(mode)), "not a regular file")
+    return CalibrationError(f"calibration file {path} is {kind}")
+
+
 def read_text_file(path: str | Path) -> str:
-    """Read a UTF-8 text file, raising CalibrationError if it is missing, empty or not text."""
+    """Read a UTF-8 text file, raising CalibrationError if it is missing, empty, not text or not a
+    regular file (a pipe or a device is refused before it is opened: reading one can block forever
+    or never end). At most `MAX_TEXT_BYTES` are read; of a larger file its beginning, with a warning."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise CalibrationError(f"calibration file {path} does not exist")
-    if path.is_dir():
-        raise CalibrationError(f"calibration file {path} is a directory, not a text file")
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CalibrationError(f"calibration file {path} does not exist") from None
     except OSError as error:
         raise CalibrationError(f"calibration file {path} cannot be read: {error.strerror or error}") from error
-    if not data.strip():
-        raise CalibrationError(f"calibration file {path} is empty")
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+    limit = MAX_TEXT_BYTES
+    try:
+        # O_NONBLOCK: should the path have become a pipe since the stat, opening it does not wait for a writer
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(descriptor, "rb") as file:
+            opened = os.fstat(file.fileno())
+            if not stat.S_ISREG(opened.st_mode):
+                raise _not_regular(path, opened.st_mode)
+            data = file.read(limit + 1)
+    except OSError as error:
+        raise CalibrationError(f"calibration file {path} cannot be read: {error.strerror or error}") from error
+    truncated = len(data) > limit
+    if truncated:
+        data = data[:limit]
     # UTF-16 text and binary files decode as garbage or fail late; a NUL byte never occurs in UTF-8 text.
     if b"\x00" in data:
         raise CalibrationError(f"calibration file {path} looks binary (it contains NUL bytes); expected UTF-8 text")
+    if truncated:  # end at a line break rather than in a word
+        cut = data.rfind(b"\n")
+        data = data[:cut + 1] if cut > 0 else data
+    if not data.strip():
+        raise CalibrationError(f"calibration file {path} is empty")
     try:
-        return data.decode("utf-8-sig")
+        # an incremental decoder keeps a character the cut split in two instead of failing on it
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=not truncated)
     except UnicodeDecodeError as error:
         raise CalibrationError(
             f"calibration file {path} is not UTF-8 text (invalid byte at offset {error.start})"
         ) from error
+    if truncated:
+        warnings.warn(f"calibration file {path} holds {opened.st_size:,} bytes; reading only its first "
+                      f"{len(data):,} (more than any calibration set or evaluation needs)", GraphpruneWarning,
+                      stacklevel=2)
+    return text
 
 
 def read_calibration_text(source: str | Path) -> str:
     """The text `source` names: "default" (the embedded excerpt), "hf:NAME[:CONFIG[:SPLIT]]" or a path.
 
-    A file literally named "default" can be given as "./default".
+    A file literally named "default" can be given as "./default". Texts given from Python
+    (`calibration.data.CalibrationData`) are joined by blank lines.
     """
+    from .data import CalibrationData
+
+    if isinstance(source, CalibrationData):
+        return source.text()
     if isinstance(source, str):
         if source == DEFAULT_SOURCE:
             return default_calibration_text()
@@ -138,6 +188,7 @@ def bos_token_id(tokenizer: Any) -> int:
     return int(token_id)
 
 
+@in_stage("calibrate")
 def load_calibration(
     source: str | Path,
     tokenizer: Any,
@@ -156,6 +207,10 @@ def load_calibration(
     _require_positive(nsamples=nsamples, seqlen=seqlen)
     if add_bos and seqlen < 2:
         raise CalibrationError("seqlen must be at least 2 when windows start with BOS")
+    from .data import CalibrationData
+
+    if isinstance(source, CalibrationData):  # texts, token ids or batches given from Python
+        return source.windows(tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, add_bos=add_bos)
     return windows_from_text(read_calibration_text(source), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                              add_bos=add_bos, label=_describe(source))
 

@@ -15,7 +15,7 @@ class EasyEP(ExpertCriterion):
     (normed) input and routed_t the combined output of the token's routed experts. The token's
     base b_t is h_t by default (``token_change=input``); ``token_change=residual`` uses its
     residual-stream hidden state before the MoE block adds to it, as the authors' code does (on the
-    SmolLM2 MoE fixture the default measured 0.1-1.3 PPL better, see the README). Calibrate on
+    SmolLM2 MoE fixture the default measured 0.1-1.3 PPL better, see docs/benchmarks.md). Calibrate on
     domain text to keep that domain's experts.
     """
 

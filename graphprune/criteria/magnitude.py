@@ -19,6 +19,18 @@ class Magnitude(Criterion):
     name = "magnitude"
     option_help = {"norm": "p of the Lp norm over a unit's slices (2)"}
 
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        try:
+            p = float(self.options.get("norm", 2))
+        except (TypeError, ValueError):
+            p = float("nan")
+        if not p > 0 or p == float("inf"):  # also refuses NaN
+            from ..errors import UserError
+
+            raise UserError(f"magnitude option norm={self.options.get('norm')!r}: the p of an Lp norm must be a "
+                            f"finite number greater than 0 (1 or 2)")
+
     def score(self, group, ctx):
         p = float(self.options.get("norm", 2))
         total = torch.zeros(group.units, dtype=torch.float64)

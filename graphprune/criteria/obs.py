@@ -5,18 +5,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..calibration.cache import read_cache_entry, write_cache_tensors
+from ..calibration.cache import discard, read_cache_entry, write_cache_tensors
 from ..errors import UserError
 from ..solvers import lsq
 from . import register
 from .base import Criterion, Form, MissingStatistics, Need, module_of
 
 SCALES = ("fisher", "residual", "output", "none")
-# Measured on SmolLM2-135M (README): the loss-Fisher weighting is the best global ranking at 20%
+# Measured on SmolLM2-135M (docs/benchmarks.md): the loss-Fisher weighting is the best global ranking at 20%
 # (28.8 PPL; residual 29.7) and at 50% (114; residual 388), so it is the default wherever the model
 # computes an LM loss; models without one (encoders) fall back to the residual energy.
 DEFAULT_SCALE = "fisher"
 FALLBACK_SCALE = "residual"
+DEFAULT_FISHER_WINDOWS = 32
 _ENERGIES = ("residual", "output")  # what the unweighted scales divide by, kept per group
 
 
@@ -40,53 +41,30 @@ def save_paths(key: str, paths: dict[str, GroupPath], row_weights: dict[str, tor
 
 
 def load_paths(key: str, groups) -> tuple[dict[str, GroupPath], dict[str, torch.Tensor]] | None:
+    """The paths stored under `key`; None when absent or damaged (a damaged or malformed entry is
+    discarded with a one-line warning and recomputed)."""
     tensors = read_cache_entry(key)
-    if tensors is None or any(f"order/{g.id}" not in tensors for g in groups):
+    if tensors is None:
         return None
-    paths = {g.id: GroupPath(tensors[f"order/{g.id}"].numpy(), tensors[f"error/{g.id}"].numpy(),
-                             dict(zip(_ENERGIES, tensors[f"scale/{g.id}"].tolist()))) for g in groups}
-    return paths, {k[5:]: v for k, v in tensors.items() if k.startswith("rows/")}
-
-
-def output_fisher(model: torch.nn.Module, batches: torch.Tensor, modules: list[str], *, batch_size: int = 4,
-                  progress: bool = False) -> dict[str, torch.Tensor]:
-    """E_t[(∂ℓ_t/∂y_o)²] for every output o of each module in `modules`: the diagonal Fisher of the
-    token LM loss with respect to the layer's output (what an error added to that output costs).
-
-    Gradients flow to activations only (the embeddings' output is made to require grad, no
-    parameter gradient is formed), with the summed - not mean - token loss, so batches of any size
-    weigh each token the same."""
-    from tqdm.auto import tqdm
-
-    found = dict(model.named_modules())
-    sums = {m: torch.zeros(found[m].out_features, dtype=torch.float64) for m in modules}
-    tokens = 0
-    handles = [model.get_input_embeddings().register_forward_hook(
-        lambda mod, args, out: out.detach().requires_grad_(True))]
-    for name in modules:
-        def keep(mod, args, out, name=name):
-            def accumulate(grad):
-                sums[name].add_((grad.detach().double() ** 2).reshape(-1, grad.shape[-1]).sum(0))
-            out.register_hook(accumulate)
-        handles.append(found[name].register_forward_hook(keep))
-    requires = {p: p.requires_grad for p in model.parameters()}
     try:
-        for p in requires:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            steps = range(0, batches.shape[0], batch_size)
-            for start in tqdm(steps, desc="output fisher", unit="batch", disable=not progress, leave=False):
-                chunk = batches[start:start + batch_size]
-                predicted = chunk.shape[0] * (chunk.shape[1] - 1)
-                out = model(input_ids=chunk, labels=chunk, use_cache=False)
-                (out.loss * predicted).backward()
-                tokens += chunk.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-    return {m: s / max(tokens, 1) for m, s in sums.items()}
+        paths = {}
+        for g in groups:
+            if not any(f"{part}/{g.id}" in tensors for part in ("order", "error", "scale")):
+                continue  # no path was found for it when computed either (`score_blocks` says so)
+            order, error, scale = (tensors[f"{part}/{g.id}"] for part in ("order", "error", "scale"))
+            if order.dim() != 1 or error.shape != order.shape or order.numel() > g.units \
+                    or scale.shape != (len(_ENERGIES),) or (order.numel() and not 0 <= int(order.min()) <= int(
+                        order.max()) < g.units):
+                raise ValueError(f"the path of {g.id} has shapes {tuple(order.shape)}, {tuple(error.shape)}, "
+                                 f"{tuple(scale.shape)} for {g.units} units")
+            paths[g.id] = GroupPath(order.numpy(), error.numpy(), dict(zip(_ENERGIES, scale.tolist())))
+    except KeyError as missing:
+        discard(key, f"no tensor {missing}")
+        return None
+    except (ValueError, RuntimeError) as error:
+        discard(key, str(error))
+        return None
+    return paths, {k[5:]: v for k, v in tensors.items() if k.startswith("rows/")}
 
 
 @register
@@ -114,7 +92,7 @@ class StructuredOBS(Criterion):
     order. Unweighted errors are divided by an energy instead: ``"residual"`` the mean squared
     norm of the hidden state entering the block (the default where the model has no LM loss),
     ``"output"`` the layer's own output energy (relative error), ``"none"`` absolute.
-    Measured on SmolLM2-135M (README), every layer-local scale mis-allocates at 50% (a layer whose
+    Measured on SmolLM2-135M (docs/benchmarks.md), every layer-local scale mis-allocates at 50% (a layer whose
     output or residual stream is dominated by a few massive channels looks cheap to empty); the
     loss Fisher does not, because it weighs each layer's error by what it costs at the output.
     Options: ``damp`` (fraction of mean diag H added, 0.01), ``steps`` (greedy snapshots per group,
@@ -130,7 +108,8 @@ class StructuredOBS(Criterion):
     form = Form.BLOCKS
     option_help = {"scale": "fisher (default; needs an LM loss), residual (default without one), output or none",
                    "damp": "fraction of mean diag H added before inverting (0.01)",
-                   "steps": "greedy error snapshots per group (64)"}
+                   "steps": "greedy error snapshots per group (64)",
+                   "fisher_windows": "calibration windows the loss Fisher is estimated on (32; 0: all of them)"}
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -168,17 +147,27 @@ class StructuredOBS(Criterion):
     def steps(self) -> int:
         return int(self.options.get("steps", 64))
 
+    @property
+    def fisher_windows(self) -> int | None:
+        """The loss Fisher from the first 32 windows measured the same as from all 128 on SmolLM2 at 20%
+        (wiki.test 28.44 vs 28.49, fiction 53.6 vs 53.2) in a third of the time (docs/benchmarks.md)."""
+        value = int(self.options.get("fisher_windows", DEFAULT_FISHER_WINDOWS))
+        return None if value <= 0 else value
+
     def path_options(self, model: torch.nn.Module) -> dict:
         """What the cached paths depend on besides model, calibration and groups."""
         return {"damp": self.damp, "steps": self.steps,
-                "weighted": self.scale_for(model) == "fisher"}
+                "weighted": self.scale_for(model) == "fisher", "fisher_windows": self.fisher_windows}
 
     def score(self, group, ctx):
         raise MissingStatistics(group)  # scored block by block in `score_blocks`
 
     def diagnostics(self, groups, ctx):
         # the report says which weighting ranked the layers (the default depends on the model)
-        return {"scale": self.scale_used} if self.scale_used else None
+        if not self.scale_used:
+            return None
+        return {"scale": self.scale_used,
+                **({"fisher_windows": self.fisher_windows} if self.scale_used == "fisher" else {})}
 
     def score_blocks(self, runner, groups, params, *, floor: int = 1, cache_key: str | None = None):
         """Scores from the greedy OBS paths (computed block by block, or read from the cache);
@@ -216,17 +205,30 @@ class StructuredOBS(Criterion):
         """Run the calibration set block by block (dense activations) and remove each group's units
         greedily down to `floor`: the removal order does not depend on the sparsity, so one run
         serves every sparsity (and is cached)."""
+        from ..calibration.blocks import DenseSweep, output_fisher_by_blocks
         from ..passes.layerwise import consumers_by_block, dense_block_runs
 
         damp, steps = self.damp, self.steps
+        plan = consumers_by_block(runner, groups)
         if weighted:
-            modules = sorted({m for stages in consumers_by_block(runner, groups).values() for m, _ in stages})
-            self.row_weights = output_fisher(runner.model, runner.batches, modules, progress=runner.progress)
+            modules = sorted({m for stages in plan.values() for m, _ in stages})
+            if getattr(runner, "holds_activations", False):
+                # in memory: the Fisher's forward also measures every consumer's input (one dense sweep)
+                sweep = DenseSweep()
+                self.row_weights = output_fisher_by_blocks(
+                    runner, modules, batches=self._fisher_batches(runner),
+                    gram_modules={i: tuple(m for m, _ in stages) for i, stages in plan.items()}, sweep=sweep)
+                blocks = ((i, plan[i], sweep.grams[i], sweep.residual[i]) for i in sorted(plan))
+            else:
+                self.row_weights = runner.output_fisher(modules, batches=self._fisher_batches(runner))
+        if not weighted or not getattr(runner, "holds_activations", False):
+            blocks = ((i, stages, run.grams, float(sum((x.double() ** 2).sum() for x in inputs) /
+                                                    sum(x[..., 0].numel() for x in inputs)))
+                      for i, stages, run, inputs in dense_block_runs(runner, groups, "obs block"))
         found: dict[str, GroupPath] = {}
-        for _, stages, run, inputs in dense_block_runs(runner, groups, "obs block"):
-            residual = float(sum((x.double() ** 2).sum() for x in inputs) / sum(x[..., 0].numel() for x in inputs))
+        for _, stages, grams, residual in blocks:
             for module, members in stages:
-                gram = run.grams[module].matrix
+                gram = grams[module].matrix
                 w_aug = lsq.augmented_weight(params[f"{module}.weight"], params.get(f"{module}.bias"))
                 output = float(torch.einsum("oi,ij,oj->", w_aug, gram, w_aug))
                 w_rows = self._weighted(module, w_aug)
@@ -237,6 +239,19 @@ class StructuredOBS(Criterion):
                                             np.asarray(path.step_error, dtype=np.float64),
                                             {"residual": residual, "output": output})
         return found
+
+    def _fisher_batches(self, runner) -> int | None:
+        """Calibration batches covering the first `fisher_windows` windows (None: all)."""
+        wanted = self.fisher_windows
+        if wanted is None:
+            return None
+        covered, count = 0, 0
+        for batch in runner.batches_by_batch:
+            if covered >= wanted:
+                break
+            covered += batch.shape[0]
+            count += 1
+        return max(count, 1)
 
     def _weighted(self, module: str, weight_aug: torch.Tensor) -> torch.Tensor:
         """Rows scaled by √f_o, so plain squared errors of the scaled layer are Fisher-weighted ones."""

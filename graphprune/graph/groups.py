@@ -1,6 +1,11 @@
 """Dependency groups: the connected components of coupled axes, described for people and code.
 
-After propagation every class of leaf atoms that touches a parameter is one `Group`. Unit ``u`` of
+The coupling graph (`Propagation.atoms.coupling`, a `networkx.Graph`: nodes are axis atoms, edges
+the couplings the dimension rules made; see `graph.layout`) is partitioned into its connected
+components; every component of leaf atoms (atoms not refined into finer parts) that a parameter
+axis resolves to is one `Group` (`Group.atoms` is that component; a per-expert class gives one
+group per expert, all with the same component). `coupling_graph` returns the graph with each
+node's group, for `graphprune inspect --graph`. Unit ``u`` of
 the group is index ``u`` of the class; removing it removes, from every member parameter, the
 indices listed in ``ParamSlice.indices[u]``. Kinds are read off the structure, not off names:
 
@@ -91,6 +96,7 @@ class Group:
     parent: str | None = None  # a head group's kv-group
     children: list[str] = field(default_factory=list)
     root: int = -1  # atom class (internal)
+    atoms: frozenset = frozenset()  # the group's connected component of the coupling graph (internal)
 
     @property
     def prunable(self) -> bool:
@@ -144,6 +150,39 @@ class GroupSet:
     def to_json(self) -> str:
         return json.dumps({"source": self.graph.source, "summary": self.summary(),
                            "groups": [g.to_dict() for g in self.groups]}, indent=1)
+
+
+def coupling_graph(groups: GroupSet):
+    """The coupling graph of `groups` (a copy) with, on every node, its class (``class``: the
+    union-find root), the ``group`` ids of its component (comma-separated: one per expert for a
+    per-expert class), their ``group_kind`` and ``status``, why it is pinned (``pinned``) and a
+    ``label`` for viewers; edges say which op coupled the two atoms and by which rule. Attribute
+    values are strings and ints, as GraphML needs. Groups are its connected components."""
+    atoms = groups.propagation.atoms
+    out = atoms.coupling.copy()
+    out.graph.update(source=str(groups.graph.source), frontend=str(groups.graph.frontend))
+    names: dict[int, list[str]] = {}
+    for g in groups:
+        for atom in g.atoms:
+            names.setdefault(atom, []).append(g.id)
+    by_id = {g.id: g for g in groups}
+    for node, data in out.nodes(data=True):
+        data["class"] = atoms.find(node)
+        reason = atoms.pin_reason(node)
+        if reason:
+            data["pinned"] = reason
+        if "tensor" in data:
+            label = f"{data.get('param', data['tensor'])}[{data['axis']}]"
+        elif "part_of" in data:
+            label = f"{data['part']} part of a{data['part_of']}"
+        else:
+            label = f"a{node}" + (f" from {data['op']}" if "op" in data else "")
+        data["label"] = f"{label} ({data['size']})"
+        ids = names.get(node)
+        if ids:
+            first = by_id[ids[0]]
+            data.update(group=",".join(ids), group_kind=first.kind, status=first.status)
+    return out
 
 
 # ============================================================================ construction
@@ -299,6 +338,18 @@ def flop_terms(graph: Graph, prop: Propagation):
             yield op, flops, prop.L(q) + [prop.L(k)[-2], prop.L(v)[-1]]
 
 
+def _integer_member(graph: Graph, occurrences) -> str | None:
+    """Why a class whose members include an integer or boolean tensor stays as it is: such a tensor
+    holds indices, counts or a mask, not weights; scoring it as a weight (or slicing indices that
+    point into the axis) would be guessing what its values mean."""
+    for tname, _axis, _layout in occurrences:
+        tensor = graph.tensors[tname]
+        if not str(tensor.dtype).startswith(("float", "bfloat")):
+            return (f"{tensor.source_name or tname} is a {tensor.dtype} tensor (indices or a mask, not weights): "
+                    f"never scored or sliced as a weight")
+    return None
+
+
 def build_groups(graph: Graph, prop: Propagation | None = None) -> GroupSet:
     prop = prop or propagate(graph)
     atoms = prop.atoms
@@ -381,12 +432,22 @@ def build_groups(graph: Graph, prop: Propagation | None = None) -> GroupSet:
             return "head_dim"
         return "channel"
 
-    order = sorted(members, key=lambda r: min(_param_order(graph, t) for t, _, _ in members[r]))
+    # The groups are the connected components of the coupling graph that hold leaf atoms some
+    # parameter axis resolves to (`members`, keyed by the union-find root of those atoms).
+    component_of: dict[int, frozenset] = {}
+    for component in atoms.classes():
+        root = atoms.find(next(iter(component)))
+        if root in members:
+            component_of[root] = frozenset(component)
+    assert len(component_of) == len(members), "a class of leaf atoms is not one component of the coupling graph"
+    # (members' insertion order breaks ties: groups first read by the same op keep their order)
+    order = sorted((r for r in members if r in component_of),
+                   key=lambda r: min(_param_order(graph, t) for t, _, _ in members[r]))
     fibers = _per_expert_classes(graph, prop, members, routing_roots, pinned)
     for root in order:
         occurrences = members[root]
         kind = kind_of(root)
-        reason = atoms.pin_reason(root)
+        reason = atoms.pin_reason(root) or _integer_member(graph, occurrences)
         if reason:
             status = BLOCKED if reason.startswith("blocked by") else FIXED
         else:
@@ -416,7 +477,7 @@ def build_groups(graph: Graph, prop: Propagation | None = None) -> GroupSet:
                 id=f"g{len(groups)}", kind=kind, units=units, unit_size=info[root]["block"], slices=slices,
                 scope=scope, layer=_layer_of(scope), status=status, reason=reason,
                 params_per_unit=params_per_unit, flops_per_unit=flops.get(root, 0.0) / max(tokens, 1) / share,
-                root=root))
+                root=root, atoms=component_of[root]))
 
     by_root = {g.root: g for g in groups}
     nested_kinds = {"kv-group": "head", EXPERT_GROUP: EXPERT}

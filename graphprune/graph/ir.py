@@ -71,11 +71,15 @@ class Graph:
             raise ValueError(f"duplicate op name {op.name}")
         self.ops[op.name] = op
         self.nx.add_node(op.name, op=op.op)
+        readers = self._consumers
         for tname in op.inputs:
             if tname is None:
                 continue
             producer = self.producer(tname)
             self.nx.add_edge(producer or f"<{tname}>", op.name, tensor=tname)
+            names = readers.setdefault(tname, [])
+            if not names or names[-1] != op.name:  # an op reading a tensor twice is one consumer
+                names.append(op.name)
         for tname in op.outputs:
             self._producers[tname] = op.name
         return op
@@ -86,11 +90,18 @@ class Graph:
             self._producer_table: dict[str, str] = {}
         return self._producer_table
 
+    @property
+    def _consumers(self) -> dict[str, list[str]]:
+        if not hasattr(self, "_consumer_table"):
+            self._consumer_table: dict[str, list[str]] = {}
+        return self._consumer_table
+
     def producer(self, tensor: str) -> str | None:
         return self._producers.get(tensor)
 
     def consumers(self, tensor: str) -> list[Op]:
-        return [op for op in self.ops.values() if tensor in op.inputs]
+        """The ops reading `tensor`, in the order they were added (an index kept by `add_op`)."""
+        return [self.ops[name] for name in self._consumers.get(tensor, ())]
 
     def topological_ops(self) -> Iterable[Op]:
         # Ops are added in execution order by every frontend; keep that order (stable reports).

@@ -18,13 +18,29 @@ lose an opportunity, never prune wrongly.
 
 After propagation, each class of leaf atoms is one dependency group: unit ``u`` of the group is
 index ``u`` of those atoms, wherever they occur.
+
+**The coupling graph.** Every atom is a node of `AtomTable.coupling` (a `networkx.Graph`), and
+every union a dimension rule makes is an edge between the two atoms it coupled, with the op, its
+source op type and location and the rule (`AtomTable.context`, set by the rule driver). Its
+connected components are the classes, and the dependency groups are the components of leaf
+atoms (`graph.groups.build_groups`). A node says which tensor axis it is (``tensor``, ``axis``,
+``param``), which atom it is a part of (``part_of``: a refinement split it off) or which op
+created it (``op``); a refined class carries its refinement (``refined``, on the node that was its
+root then). Refinement is structure, not coupling: a ``576`` axis refined into ``Prod(9, 64)``
+is not the same channels as either part, so it is an attribute, never an edge.
+
+The union-find stays because the rules need "which class is this atom in now" after every union
+(to expand refinements and to pin classes) thousands of times during propagation; recomputing
+components for that would be quadratic. Both hold the same partition: every `_union` adds exactly
+one edge between the two classes it merges (`tests/graph/test_coupling_graph.py` checks it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
+import networkx as nx
 import numpy as np
 
 
@@ -59,15 +75,27 @@ class AtomTable:
         self._size: list[int] = []
         self._refinement: dict[int, Layout] = {}
         self._pins: dict[int, str] = {}
+        self.coupling = nx.Graph()  # atoms and the unions the rules made (see the module docstring)
+        # What is coupling now: edge attributes of the unions made (op, source_op, location, rule) and
+        # node attributes of atoms made without a tensor axis ({"op": ...}). Set by the rule driver.
+        self.context: dict[str, Any] = {}
+        self.origin: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- atoms
-    def new(self, size: int, pin: str | None = None) -> int:
+    def new(self, size: int, pin: str | None = None, about: dict[str, Any] | None = None) -> int:
+        """A fresh atom of `size` indices; `about` says what it is (node attributes of the coupling
+        graph; the current op when not given)."""
         atom = len(self._parent)
         self._parent.append(atom)
         self._size.append(int(size))
+        self.coupling.add_node(atom, size=int(size), **(about if about is not None else self.origin))
         if pin:
             self._pins[atom] = pin
         return atom
+
+    def classes(self) -> list[set[int]]:
+        """The connected components of the coupling graph (each one class of atoms)."""
+        return list(nx.connected_components(self.coupling))
 
     def find(self, atom: int) -> int:
         root = atom
@@ -148,6 +176,7 @@ class AtomTable:
         root = self.find(atom)
         assert root not in self._refinement
         self._refinement[root] = layout
+        self.coupling.nodes[root]["refined"] = repr(layout)
         reason = self._pins.get(root)
         if reason:
             self.pin(layout, reason)
@@ -159,6 +188,7 @@ class AtomTable:
         if self._size[ra] != self._size[rb]:
             raise StructureConflict(f"atom sizes differ: {self._size[ra]} vs {self._size[rb]}")
         self._parent[rb] = ra
+        self.coupling.add_edge(a, b, **self.context)
         reason_a, reason_b = self._pins.pop(ra, None), self._pins.pop(rb, None)
         if reason_a or reason_b:
             self._pins[ra] = reason_a or reason_b
@@ -166,14 +196,16 @@ class AtomTable:
     def _split_atom_prod(self, atom: int, major: int) -> tuple[int, int]:
         """Refine `atom` (size n) into Prod(new(major), new(n // major))."""
         n = self.size(atom)
-        a1, a2 = self.new(major), self.new(n // major)
+        a1, a2 = self.new(major, about={"part_of": atom, "part": "major"}), \
+            self.new(n // major, about={"part_of": atom, "part": "minor"})
         self._refine(atom, Prod((a1, a2)))
         return a1, a2
 
     def _split_atom_sum(self, atom: int, head: int) -> tuple[int, int]:
         """Refine `atom` (size n) into Sum(new(head), new(n - head))."""
         n = self.size(atom)
-        a1, a2 = self.new(head), self.new(n - head)
+        a1, a2 = self.new(head, about={"part_of": atom, "part": "head"}), \
+            self.new(n - head, about={"part_of": atom, "part": "tail"})
         self._refine(atom, Sum((a1, a2)))
         return a1, a2
 
@@ -183,13 +215,15 @@ class AtomTable:
 
         Raises StructureConflict when the two have no common refinement; the caller pins.
         """
+        given_x, given_y = x, y
         x, y = self.expand(x), self.expand(y)
         if self.size(x) != self.size(y):
             raise StructureConflict(f"sizes differ: {self.size(x)} vs {self.size(y)}")
         if self.size(x) <= 1:
             return
         if isinstance(x, int) and isinstance(y, int):
-            self._union(x, y)
+            # the edge joins the atoms the rule named (same classes as their roots x and y)
+            self._union(given_x if isinstance(given_x, int) else x, given_y if isinstance(given_y, int) else y)
         elif isinstance(x, int):
             self._refine(x, y)
         elif isinstance(y, int):

@@ -1,8 +1,29 @@
-"""Human-readable rendering of a GroupSet (`graphprune inspect`)."""
+"""Human-readable rendering of a GroupSet (`graphprune inspect`), and its coupling graph as GraphML."""
 
 from __future__ import annotations
 
-from .groups import BLOCKED, FIXED, GroupSet
+from pathlib import Path
+
+from .groups import BLOCKED, FIXED, GroupSet, coupling_graph
+
+
+def write_graphml(groups: GroupSet, path: str | Path) -> Path:
+    """Write the coupling graph of `groups` (`groups.coupling_graph`) to `path` as GraphML,
+    atomically (`io.atomic.atomic_file`); an unwritable path is one `OutputError` line."""
+    import networkx as nx
+
+    from ..errors import OutputError
+    from ..io.atomic import atomic_file, environment_errors
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"--graph {path} is a directory; give a file name (e.g. {path / 'coupling.graphml'})")
+    if not path.parent.is_dir():
+        raise OutputError(f"cannot write {path}: directory {path.parent} does not exist")
+    graph = coupling_graph(groups)
+    with environment_errors(path):
+        atomic_file(path, lambda tmp: nx.write_graphml(graph, str(tmp)))
+    return path
 
 
 def _num(x: float) -> str:

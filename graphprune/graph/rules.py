@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .ir import DERIVED, INPUT, Graph, Op
+from .ir import DERIVED, INPUT, PARAM, STATE, Graph, Op
 from .layout import AtomTable, Layout, Prod, StructureConflict, Sum
 
 
@@ -64,8 +64,11 @@ class Propagation:
         if tensor is None:
             return []
         if tensor not in self.layouts:
-            shape = self.graph.tensors[tensor].shape
-            self.layouts[tensor] = [self.atoms.new(s) for s in shape]
+            t = self.graph.tensors[tensor]
+            about = {"tensor": tensor, "kind": t.kind}
+            if t.kind in (PARAM, STATE):
+                about["param"] = t.source_name or tensor
+            self.layouts[tensor] = [self.atoms.new(s, about={**about, "axis": k}) for k, s in enumerate(t.shape)]
         return self.layouts[tensor]
 
     def shape(self, tensor: str) -> tuple[int, ...]:
@@ -148,14 +151,19 @@ class Propagation:
                 for k, layout in enumerate(self.L(tensor.name)):
                     self.pin(layout, f"axis {k} of '{tensor.source_name or tensor.name}' "
                                      f"(a buffer/constant whose values depend on its size)")
+        atoms = self.atoms
         for op in self.graph.topological_ops():
             self.op = op
+            # edges of the coupling graph say which op coupled two atoms, and by which rule
+            atoms.context = {"op": op.name, "source_op": op.source_op, "location": op.location, "rule": op.op}
+            atoms.origin = {"op": op.name}
             rule = RULES.get(op.op)
             if rule is None:
                 self.block(op.attrs.get("why", ""))
                 continue
             rule(self, op)
         self.op = None
+        atoms.context, atoms.origin = {}, {}
         for tensor in self.graph.tensors.values():
             if tensor.is_output:
                 for k, layout in enumerate(self.L(tensor.name)):

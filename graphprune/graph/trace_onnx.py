@@ -435,6 +435,7 @@ class _Builder:
         self.seen: dict[tuple, list[str]] = {}
         self.index_columns: dict[str, list[str]] = {}
         self.unknown_types: set[str] = set()
+        self.shapeless: dict[str, tuple[onnx.NodeProto, str]] = {}  # output of an untraced node -> (node, why)
         self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
 
     # ------------------------------------------------------------ setup
@@ -506,6 +507,7 @@ class _Builder:
     def _add_tensor(self, name: str, kind: str = ACTIVATION, source: str | None = None) -> str:
         if name not in self.graph.tensors:
             if name not in self.shapes:
+                self._blame_untraced(name)
                 producer = self.producer_of.get(name)
                 what = f" (output of {producer.op_type} node '{self.node_name(producer)}')" if producer else ""
                 raise TraceError(f"no static shape for tensor '{name}'{what}: every tensor needs one; "
@@ -599,6 +601,9 @@ class _Builder:
         self.counts["unknown"] += 1
         source = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         self.unknown_types.add(source)
+        for o in node.output:
+            if o and o not in self.shapes:
+                self.shapeless[o] = (node, why)
         inputs = [i for i in node.input if i and self.resolve(i) not in self.sequences]
         outputs = [o for o in node.output if o and o in self.shapes]
         self.emit(node, "unknown", inputs, outputs, {"why": why})
@@ -888,9 +893,30 @@ class _Builder:
         except Exception:  # noqa: BLE001
             return {}
 
+    def _blame_untraced(self, name: str) -> None:
+        """When `name` has no shape because a node without a rule (a custom-domain op, control flow)
+        left its output shapeless somewhere upstream, raise a TraceError naming that node."""
+        stack, seen = [name], set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in self.shapeless:
+                node, why = self.shapeless[t]
+                domain = node.domain or "ai.onnx"
+                raise TraceError(f"cannot trace past {node.op_type} node '{self.node_name(node)}' (domain {domain}): "
+                                 f"{why}, and the shape of its output '{t}' is unknown")
+            producer = self.producer_of.get(t)
+            if producer is not None:
+                for i in producer.input:
+                    if i and self.resolve(i) not in self.shapes:
+                        stack.extend({i, self.resolve(i)})
+
     def require_shapes(self, node: onnx.NodeProto, outputs: list[str]) -> None:
         for o in outputs:
             if o and o not in self.shapes:
+                self._blame_untraced(o)
                 raise TraceError(f"no static shape for '{o}' (output of {node.op_type} node "
                                  f"'{self.node_name(node)}'): every tensor needs one; check the model's "
                                  f"input shapes (input_shapes=...)")

@@ -110,6 +110,7 @@ def atomic_directory(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     remove_stale_partials(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     with environment_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(mode=0o777 & ~_umask())
@@ -118,10 +119,21 @@ def atomic_directory(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         with environment_errors(out):
             yield tmp
             (tmp / PARTIAL_MARKER).unlink()
+            _apply_umask(tmp)
             replace_path(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(directory: Path) -> None:
+    """Files as the user's umask says (some writers create 0600 files: safetensors does)."""
+    mask = _umask()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+        elif path.is_dir() and not path.is_symlink():
+            path.chmod(0o777 & ~mask)
 
 
 def atomic_file(path: str | Path, write: Callable[[Path], object], *, fsync: bool = False) -> Path:
@@ -131,6 +143,7 @@ def atomic_file(path: str | Path, write: Callable[[Path], object], *, fsync: boo
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        Path(tmp).chmod(0o666 & ~_umask())
         if fsync:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())

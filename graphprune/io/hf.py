@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +12,7 @@ import torch
 
 from ..errors import OutputError
 from ..guards import OUTPUT_FILES_SLACK_BYTES, model_bytes, require_free_space
+from .atomic import atomic_directory
 
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 # Report entries that measure the run (wall time, memory, cache hits) rather than describe its result.
@@ -50,17 +49,10 @@ def save_pruned(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = Non
 
     out = check_output(out, inputs=[source_dir] if source_dir is not None else [], force=force)
     require_free_space(out.parent, model_bytes(model) + OUTPUT_FILES_SLACK_BYTES, what=f"the pruned model to {out}")
-    with _write_errors_as_output_errors(out):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        with _write_errors_as_output_errors(out):
-            _write_files(model, tmp, tokenizer=tokenizer, report=report, source_dir=source_dir)
+    with atomic_directory(out, force=force) as tmp:
+        _write_files(model, tmp, tokenizer=tokenizer, report=report, source_dir=source_dir)
         if also is not None:
             also(tmp)
-        replace_directory(tmp, out, force=force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -70,53 +62,142 @@ def _write_files(model: torch.nn.Module, tmp: Path, *, tokenizer: Any, report: d
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if source_dir is not None:
-        for name in SENTENCE_TRANSFORMERS_FILES:
-            if (source_dir / name).exists():
-                shutil.copy2(source_dir / name, tmp / name)
-        pooling = source_dir / "1_Pooling"
-        if pooling.is_dir():
-            shutil.copytree(pooling, tmp / "1_Pooling")
+        copy_sentence_transformers_modules(source_dir, tmp)
     if report is not None:
         write_reports(tmp, report)
 
 
+def copy_sentence_transformers_modules(source_dir: Path, tmp: Path) -> None:
+    """The sentence-transformers files of `source_dir` into the output `tmp`, whose root holds the pruned
+    Transformer: the root config files, and every module folder `modules.json` lists (Pooling, Dense,
+    Normalize, ...), each checked to stay inside the source. A Transformer module kept in a subfolder
+    (`0_Transformer`) moves to the root with its sentence_bert_config.json, and modules.json says so."""
+    from .paths import check_inside
+
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, tmp / name)
+    modules_file = source_dir / "modules.json"
+    if not modules_file.is_file():
+        return
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise OutputError(f"cannot read {modules_file}: {error}") from error
+    if not isinstance(modules, list):
+        return
+    moved = False
+    for module in modules:
+        if not isinstance(module, dict):
+            continue
+        relative = str(module.get("path") or "")
+        if relative in ("", "."):
+            continue
+        folder = check_inside(source_dir, relative, what=str(modules_file))
+        if str(module.get("type", "")).endswith(".Transformer"):  # the pruned model is saved at the root
+            for name in ("sentence_bert_config.json", "config_sentence_transformers.json"):
+                if (folder / name).is_file() and not (tmp / name).exists():
+                    shutil.copy2(folder / name, tmp / name)
+            module["path"] = ""
+            moved = True
+        elif folder.is_dir():
+            # (links are followed: a Hub cache snapshot's files are symlinks into its blobs)
+            shutil.copytree(folder, tmp / relative, dirs_exist_ok=True)
+    if moved:
+        (tmp / "modules.json").write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
+
+
+# Keys of the report that are written to their own file, not graphprune_report.json.
+OWN_FILE_KEYS = ("recipe",)
+
+
 def write_reports(directory: Path, report: dict) -> None:
-    """graphprune_report.json (what the result is: byte-identical for the same inputs and seed) and
-    graphprune_run.json (what this run measured: RUN_REPORT_KEYS)."""
-    result = {k: v for k, v in report.items() if k not in RUN_REPORT_KEYS}
+    """graphprune_report.json (what the result is: byte-identical for the same inputs and seed),
+    graphprune_run.json (what this run measured: RUN_REPORT_KEYS), graphprune_recipe.yaml (how to
+    make it again: the report's recipe) and the model card README.md (with kept_units.png). Every
+    writer of an output folder calls this (save_pruned, the streamed writer)."""
+    from .card import write_card
+    from .recipe import RECIPE_FILE, write_recipe
+
+    directory = Path(directory)
+    result = {k: v for k, v in report.items() if k not in RUN_REPORT_KEYS and k not in OWN_FILE_KEYS}
     run = {k: report[k] for k in RUN_REPORT_KEYS if k in report}
     (directory / REPORT_FILE).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     if run:
         (directory / RUN_FILE).write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
+    recipe = report.get("recipe")
+    if recipe:
+        write_recipe(directory / RECIPE_FILE, recipe)
+    write_card(directory, result, recipe)
 
 
-@contextlib.contextmanager
-def _write_errors_as_output_errors(out: Path):
-    """A full disk or a file-size limit is the user's environment, not a bug: one line, exit 2."""
-    from safetensors import SafetensorError
+def update_run_file(directory: str | Path, report: dict) -> None:
+    """Rewrite graphprune_run.json of a finished output folder (the run's final timings include the
+    write, which ends after the folder was complete)."""
+    from .atomic import write_text
+
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        return
+    run = {k: report[k] for k in RUN_REPORT_KEYS if k in report}
+    write_text(path, json.dumps(run, indent=1, sort_keys=True) + "\n")
+
+
+def record_evaluation(directory: str | Path, rows: list[dict]) -> bool:
+    """Add evaluation results to a graphprune output folder: its report's `evaluation` list (a row
+    with the same kind, data or task, metric and settings is replaced) and its model card. False
+    (nothing written) when the folder is not a writable graphprune output, or a Hub cache snapshot."""
+    from .atomic import write_text
+    from .card import write_card
+
+    directory = Path(directory)
+    report_path = directory / REPORT_FILE
+    if not report_path.is_file() or directory.parent.name == "snapshots" or not os.access(directory, os.W_OK):
+        return False
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(report, dict):
+        return False
+
+    def key(row: dict) -> tuple:
+        return (row.get("kind"), row.get("data") or row.get("task"), row.get("metric"), row.get("settings"))
+
+    new = {key(row) for row in rows}
+    kept = [row for row in report.get("evaluation") or [] if isinstance(row, dict) and key(row) not in new]
+    report["evaluation"] = kept + list(rows)
+    write_text(report_path, json.dumps(report, indent=1, sort_keys=True) + "\n")
+    write_card(directory, report, _read_recipe(directory))
+    return True
+
+
+def _read_recipe(directory: Path) -> dict | None:
+    from .recipe import RECIPE_FILE
+
+    if not (directory / RECIPE_FILE).is_file():
+        return None
+    import yaml
 
     try:
-        yield
-    except OSError as error:
-        raise OutputError(f"could not write {out}: {error.strerror or error}; nothing was written") from error
-    except SafetensorError as error:
-        if "I/O error" not in str(error):
-            raise
-        detail = str(error).split("I/O error:", 1)[1].strip()
-        raise OutputError(f"could not write {out}: {detail}; nothing was written") from error
+        recipe = yaml.safe_load((directory / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return recipe if isinstance(recipe, dict) else None
 
 
-def replace_directory(tmp: Path, out: Path, *, force: bool = False) -> None:
-    """Move the finished temporary directory `tmp` to `out` (replacing it only with force)."""
-    if out.exists():
-        if not force and any(out.iterdir()):
-            raise OutputError(f"output directory {out} is not empty; pass --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def refresh_card(directory: str | Path, *, repo_id: str | None = None) -> bool:
+    """Rewrite the model card of an output folder from its report and recipe (e.g. to load from
+    `repo_id`); False when the folder has no graphprune report."""
+    from .card import write_card
+
+    directory = Path(directory)
+    try:
+        report = json.loads((directory / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    write_card(directory, report, _read_recipe(directory), repo_id=repo_id)
+    return True
 
 
 def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -127,8 +208,11 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torc
     from transformers import AutoConfig
     import transformers
 
+    from ..models.hub import parse_hub_id, resolve_hub
     from ..passes.config import per_layer_class
 
+    if parse_hub_id(path) is not None:  # org/name[@revision]: its snapshot in the local HF cache
+        path = resolve_hub(str(path)).path
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     arch = (getattr(config, "architectures", None) or [None])[0]

@@ -35,6 +35,7 @@ import hashlib
 import inspect
 import io
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -47,7 +48,6 @@ import numpy as np
 import torch
 
 from ..errors import UserError, ValidationError
-from .hf import replace_directory
 
 ONNX_FILE = "model.onnx"
 EXPORTERS = ("torchscript", "dynamo")
@@ -302,6 +302,7 @@ def write_onnx(model: torch.nn.Module, directory: Path, *, exporter: str = DEFAU
 
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
+    atol = check_atol(atol)
     started = time.perf_counter()
     model = model.float().eval()
     notes = []
@@ -333,16 +334,51 @@ def write_onnx(model: torch.nn.Module, directory: Path, *, exporter: str = DEFAU
     return result
 
 
+def check_atol(atol: Any) -> float:
+    """The parity tolerance as a float, or a UserError: it must be a finite number above 0 (NaN would
+    pass every comparison, infinity every model)."""
+    try:
+        value = float(atol)
+    except (TypeError, ValueError):
+        raise UserError(f"--atol must be a finite number greater than 0, got {atol!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"--atol must be a finite number greater than 0, got {atol!r}")
+    return value
+
+
+def check_opset(opset: int | None, exporter: str = DEFAULT_EXPORTER) -> int | None:
+    """Refuse an opset the exporter, the installed onnx or graphprune's ONNX rules cannot handle."""
+    from .onnx_files import MIN_OPSET, max_opset
+
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
+    if opset is None:
+        return None
+    lowest = 18 if exporter == "dynamo" else MIN_OPSET
+    # torch's TorchScript exporter stops at opset 20; the dynamo exporter follows onnx
+    highest = min(max_opset(), 20) if exporter == "torchscript" else max_opset()
+    if not lowest <= int(opset) <= highest:
+        raise UserError(f"--opset {opset} is outside what the {exporter} exporter and the installed onnx support "
+                        f"({lowest}..{highest})")
+    return int(opset)
+
+
 def export_onnx(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = None, exporter: str = DEFAULT_EXPORTER,
                 opset: int | None = None, atol: float = DEFAULT_ATOL, force: bool = False,
                 source_dir: Path | None = None) -> OnnxExport:
     """Export into the directory `out` (model.onnx + config + tokenizer), atomically: a temporary
-    sibling directory replaces `out` only after the parity check passed."""
+    sibling directory replaces `out` only after the parity check passed. A tolerance that is not a
+    finite positive number, or weights holding NaN/Inf, are refused before anything is written."""
+    from ..guards import check_finite_weights
     from .paths import check_output
 
+    atol = check_atol(atol)
+    check_opset(opset, exporter)
+    check_finite_weights(model, action="export")
     out = check_output(out, inputs=[source_dir] if source_dir is not None else [], force=force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    from .atomic import atomic_directory
+
+    with atomic_directory(out, force=force) as tmp:
         result = write_onnx(model, tmp, exporter=exporter, opset=opset, atol=atol, tokenizer=tokenizer)
         config = getattr(model, "config", None)
         if config is not None:
@@ -351,9 +387,5 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, tokenizer: Any = Non
             tokenizer.save_pretrained(tmp)
         if source_dir is not None and (source_dir / "graphprune_report.json").is_file():
             shutil.copy2(source_dir / "graphprune_report.json", tmp / "graphprune_report.json")
-        replace_directory(tmp, out, force=force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result.path = out / ONNX_FILE
     return result

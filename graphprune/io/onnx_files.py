@@ -19,6 +19,7 @@ import onnx
 
 from ..errors import ModelLoadError, OutputError, UserError
 from ..guards import graph_tensors
+from .paths import check_inside
 
 # Opsets the ONNX frontend's translations were written and tested for (torch exports 17..20).
 MIN_OPSET = 11
@@ -61,13 +62,8 @@ def check_external_data(proto: onnx.ModelProto, model_dir: Path | None, source: 
             raise ModelLoadError(f"{source}: initializer '{tensor.name}' keeps its data in an external file "
                                  f"('{location}'), but the model was given without its directory")
         where = f"{source}: tensor '{tensor.name}' stores its data in '{location}'"
-        if not location or os.path.isabs(location) or Path(location).drive:
-            raise ModelLoadError(f"{where}, which is not a path relative to the model directory (so outside "
-                                 f"the model directory); refusing to read it")
-        base = model_dir.resolve()
-        target = (base / location).resolve()  # symlinks resolved: a link to elsewhere is outside too
-        if target != base and base not in target.parents:
-            raise ModelLoadError(f"{where}, which is outside the model directory {base}; refusing to read it")
+        # the one rule for every path read from a file (`io.paths.check_inside`): relative, inside, symlinks resolved
+        target = check_inside(model_dir, location, what=f"{source}: tensor '{tensor.name}'", says="stores its data in")
         if not target.is_file():
             raise ModelLoadError(f"{where}: external data file '{location}' is missing (copy it next to the "
                                  f".onnx file)")
@@ -118,21 +114,26 @@ def save_model(proto: onnx.ModelProto, path: Path) -> Path:
 
 
 def save_model_atomically(proto: onnx.ModelProto, out: Path, *, force: bool = False) -> Path:
-    """Write a single .onnx file (plus its data file when large) via a temporary sibling directory."""
+    """Write a single .onnx file (plus `<name>_data` when its weights are large): each file is written
+    to a temporary name and renamed into place (`io.atomic`), the data file first, so the .onnx that
+    names it never exists without it."""
+    from .atomic import atomic_file, environment_errors
+
     out = Path(out).expanduser().resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        written = save_model(proto, tmp / out.name)
-        data = written.with_name(f"{written.name}_data")
-        if out.exists() and not force:
-            raise OutputError(f"output {out} exists; pass --force to replace it")
-        if data.exists():
-            os.replace(data, out.with_name(data.name))
-        os.replace(written, out)
-    finally:
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
+    if out.exists() and not force:
+        raise OutputError(f"output {out} exists; pass --force to replace it")
+    with environment_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if weight_bytes(proto) > EXTERNAL_DATA_THRESHOLD:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as tmp:
+                written = save_model(proto, Path(tmp) / out.name)
+                data = written.with_name(f"{written.name}_data")
+                os.replace(data, out.with_name(data.name))
+                os.replace(written, out)
+        else:
+            atomic_file(out, lambda tmp: onnx.save_model(proto, str(tmp)))
     return out
 
 
@@ -144,9 +145,20 @@ def prepare_output_file(out: str | Path, *, inputs: list[Path] = (), force: bool
 
 
 # ---------------------------------------------------------------------------- onnxruntime
+def onnxruntime():
+    """The onnxruntime module, or a one-line UserError saying which extra installs it (it is not a core
+    dependency: the CPU and the GPU builds cannot be installed side by side)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise UserError("running an ONNX model needs onnxruntime: pip install 'graphprune[cpu]' (or "
+                        "'graphprune[gpu]' for onnxruntime-gpu, never both)") from error
+    return ort
+
+
 def resolve_provider(provider: str, *, allow_fallback: bool = False) -> tuple[str, str | None]:
     """(onnxruntime provider name, note) for `cpu` / `cuda`; a clear error when it is not there."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if provider not in PROVIDERS:
         raise UserError(f"unknown --provider '{provider}' (choose from {', '.join(PROVIDERS)})")
@@ -155,7 +167,8 @@ def resolve_provider(provider: str, *, allow_fallback: bool = False) -> tuple[st
     if name in available:
         return name, None
     why = (f"onnxruntime {ort.__version__} has no {name} (available: {', '.join(available)}); "
-           f"install the GPU build: pip install 'graphprune[gpu]' (onnxruntime-gpu) on a machine with CUDA")
+           f"install the GPU build: pip install 'graphprune[gpu]' (onnxruntime-gpu, which replaces onnxruntime: "
+           f"pip uninstall onnxruntime first) on a machine with CUDA")
     if not allow_fallback:
         raise UserError(f"provider '{provider}' is not available: {why}; or pass --allow-fallback to run on CPU")
     return PROVIDERS["cpu"], f"provider '{provider}' unavailable, fell back to CPU: {why}"
@@ -163,7 +176,7 @@ def resolve_provider(provider: str, *, allow_fallback: bool = False) -> tuple[st
 
 def session(model: str | Path | bytes, *, provider: str = "CPUExecutionProvider", threads: int | None = None,
             optimize: bool = True, profile_prefix: str | None = None) -> Any:
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize

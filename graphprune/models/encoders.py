@@ -1,8 +1,9 @@
 """Embedding models (BERT-style encoders): is it one, how it pools token states into a sentence
 embedding.
 
-Pooling follows the model's sentence-transformers configuration (``1_Pooling/config.json``;
-mean, cls, max or mean-sqrt-len over the non-padding tokens) and defaults to mean pooling for a
+Pooling follows the model's sentence-transformers configuration (``1_Pooling/config.json``, in
+either style: the `pooling_mode_*_tokens` flags, or sentence-transformers >= 6's one `pooling_mode`
+key; mean, cls, max or mean-sqrt-len over the non-padding tokens) and defaults to mean pooling for a
 bare Hugging Face encoder directory or module.
 """
 
@@ -20,6 +21,9 @@ from ..errors import UserError
 
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                  "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
+# sentence-transformers >= 6 writes one `pooling_mode` key: its names for the modes above
+POOLING_MODE_NAMES = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
+                      "mean_sqrt_len": "mean_sqrt_len"}
 
 
 @dataclass(frozen=True)
@@ -49,13 +53,27 @@ def pooling_of(directory: str | Path | None) -> Pooling:
         pooling_dir = next((m.get("path", "") for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
         if pooling_dir is None:
             return Pooling(normalize=normalize)
-        config = json.loads((root / pooling_dir / "config.json").read_text(encoding="utf-8"))
+        from ..io.paths import check_inside
+
+        # a module path must stay inside the folder (one leading elsewhere would make us read another model's files)
+        pooling_path = check_inside(root, str(pooling_dir or "."), what=str(root / "modules.json")) / "config.json"
+        config = json.loads(pooling_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, AttributeError) as error:
         raise UserError(f"{root}: cannot read the sentence-transformers pooling configuration ({error})") from error
+    if "pooling_mode" in config:  # sentence-transformers >= 6: {"pooling_mode": "mean", ...}
+        given = config["pooling_mode"]
+        given = given if isinstance(given, list) else [given]
+        modes = [POOLING_MODE_NAMES.get(str(mode), str(mode)) for mode in given]
+        if len(modes) != 1 or modes[0] not in POOLING_MODES.values():
+            raise UserError(f"{pooling_path}: supported pooling is exactly one of "
+                            f"{', '.join(POOLING_MODES.values())}; found {given}")
+        return Pooling(mode=modes[0], normalize=normalize)
     modes = [mode for key, mode in POOLING_MODES.items() if config.get(key)]
-    if len(modes) != 1:
-        raise UserError(f"{root / pooling_dir / 'config.json'}: supported pooling is exactly one of "
-                        f"{', '.join(POOLING_MODES.values())}; found {modes or 'none'}")
+    unsupported = [key for key, value in config.items() if key.startswith("pooling_mode_") and value
+                   and key not in POOLING_MODES]
+    if len(modes) != 1 or unsupported:
+        raise UserError(f"{pooling_path}: supported pooling is exactly one of "
+                        f"{', '.join(POOLING_MODES.values())}; found {modes + unsupported or 'none'}")
     return Pooling(mode=modes[0], normalize=normalize)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import warnings
 import os
 import shutil
 import tempfile
@@ -24,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from graphprune.errors import ModelLoadError
+from graphprune.errors import GraphpruneWarning, ModelLoadError
 from graphprune.guards import check_config_fits_weights, safetensors_elements
+from graphprune.models.hub import parse_hub_id, resolve_hub
 from graphprune.models.aliases import (
     BUNDLED_ALIASES,
     cache_root,
@@ -83,6 +86,11 @@ class LoadedModel:
     # Every other file or directory the model was read from (an ONNX model's external data): an
     # output may never be written over any of them.
     extra_inputs: tuple[Path, ...] = ()
+    # The floating-point dtype the weights are stored in (most elements), whatever dtype they were
+    # loaded in: a pruned output keeps it (bf16 in, bf16 out). None where unknown (pickle weights).
+    stored_dtype: torch.dtype | None = None
+    # The Hugging Face Hub snapshot it came from (models.hub.HubModel), for a model given as org/name.
+    hub: Any = None
 
     @property
     def inputs(self) -> list[Path]:
@@ -102,7 +110,8 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load `spec`: a model alias, a Hugging Face model directory, a .gguf file or an .onnx file.
+    """Load `spec`: a model alias, a Hugging Face model directory, a Hub id `org/name[@revision]` (through
+    the local Hugging Face cache, see `models.hub`), a .gguf file or an .onnx file.
 
     A bare name that matches an alias (see `BUNDLED_ALIASES`) is the alias, even if a directory of
     that name exists; write `./name` for the directory. The torch model comes back in eval mode.
@@ -111,18 +120,23 @@ def load_model(
     anything that cannot be loaded.
     """
     alias = _as_alias(spec)
+    hub = None
     if alias is not None:
         path = resolve_alias(alias)
         name = alias
+    elif parse_hub_id(spec) is not None:  # org/name[@revision] on the Hugging Face Hub (an existing path wins)
+        hub = resolve_hub(str(spec), trust_remote_code=trust_remote_code)
+        path, name = hub.path, hub.repo_id
     else:
         path = Path(spec).expanduser()
         _check_exists_and_readable(path, spec)
         name = path.name if path.is_dir() else path.stem
 
     if path.is_dir():
-        return _load_hf_directory(
+        loaded = _load_hf_directory(
             path, name=name, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
         )
+        return dataclasses.replace(loaded, hub=hub) if hub is not None else loaded
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         return _load_gguf(path, name=name, dtype=dtype)
@@ -197,7 +211,7 @@ def _load_hf_directory(
             raise ModelLoadError(f"cannot load the per-layer pruned model in {model_dir}: {_first_line(error)}") from error
         tokenizer = load_tokenizer_if_present(model_dir, trust_remote_code=trust_remote_code)
         return LoadedModel(model=model, tokenizer=tokenizer, onnx_model=None, kind=kind, path=directory, name=name,
-                           config=model.config, hf_dir=model_dir)
+                           config=model.config, hf_dir=model_dir, stored_dtype=stored_float_dtype(headers))
     model = _load_weights(
         model_dir,
         config,
@@ -206,6 +220,8 @@ def _load_hf_directory(
         use_safetensors=use_safetensors,
         trust_remote_code=trust_remote_code,
     )
+    if headers is not None:
+        _check_storage_dtypes(model, headers, model_dir)
     tokenizer = load_tokenizer_if_present(model_dir, trust_remote_code=trust_remote_code)
     return LoadedModel(
         model=model.eval(),
@@ -216,6 +232,7 @@ def _load_hf_directory(
         name=name,
         config=model.config,
         hf_dir=model_dir,
+        stored_dtype=stored_float_dtype(headers),
     )
 
 
@@ -243,11 +260,16 @@ def _missing_config_hint(directory: Path) -> str:
 
 def _sentence_transformers_model_dir(directory: Path) -> Path:
     """The directory of the Transformer module listed in a sentence-transformers modules.json."""
+    from ..io.paths import check_inside
+
     modules = read_json(directory / "modules.json")
     if isinstance(modules, list):
         for module in modules:
             if isinstance(module, dict) and str(module.get("type", "")).endswith(".Transformer"):
-                return directory / str(module.get("path", ""))
+                # "" is the folder itself (all-MiniLM-L6-v2); anything else must stay inside it
+                relative = str(module.get("path") or ".")
+                check_inside(directory, relative, what=str(directory / "modules.json"))
+                return directory / relative
     raise ModelLoadError(f"{directory / 'modules.json'} lists no sentence_transformers Transformer module")
 
 
@@ -281,11 +303,16 @@ def shards_listed_in(index_file: Path) -> list[Path]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelLoadError(f"{index_file} has no weight_map")
-    shards = [index_file.parent / str(shard) for shard in sorted(set(weight_map.values()))]
-    for shard in shards:
+    from ..io.paths import check_inside
+
+    # every shard must be a file inside the model's directory: an index naming ../../etc/passwd (or an
+    # absolute path, or a symlink leading out) would otherwise get that file opened
+    names = sorted({str(shard) for shard in weight_map.values()})
+    shards = [check_inside(index_file.parent, name, what=str(index_file)) for name in names]
+    for name, shard in zip(names, shards):
         if not shard.is_file():
-            raise ModelLoadError(f"{index_file} lists shard {shard.name}, which is missing")
-    return shards
+            raise ModelLoadError(f"{index_file} lists shard {name}, which is missing")
+    return [index_file.parent / name for name in names]
 
 
 def check_safetensors_file(path: Path) -> dict:
@@ -397,7 +424,82 @@ def _load_weights(
             f"config.json in {model_dir} does not match its weights: {len(missing)} tensors are missing "
             f"from the weights, e.g. {missing[0]}"
         )
+    # ... and drops tensors the config's model has no place for (a config with fewer layers than the
+    # checkpoint, a stray tensor): the pruned model would be silently truncated. transformers already
+    # leaves out what a family declares ignorable (old rotary inv_freq buffers, position_ids, a tied
+    # lm_head.weight). A task head the loaded class does not have (BERT's `cls.*` pretraining head when
+    # the encoder is loaded as BertModel) is a whole module outside the model: it is left out with a
+    # warning; anything inside the model's own modules is refused.
+    unexpected = sorted(loading_info.get("unexpected_keys") or [])
+    heads = _outside_the_model(model, unexpected)
+    if heads:
+        warnings.warn(f"{model_dir}: {len(heads)} tensor(s) of a head {type(model).__name__} does not have were "
+                      f"left out ({', '.join(sorted({k.split('.')[0] for k in heads}))}.*)", GraphpruneWarning,
+                      stacklevel=2)
+        unexpected = [k for k in unexpected if k not in heads]
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
+        raise ModelLoadError(
+            f"config.json in {model_dir} does not match its weights: {len(unexpected)} tensor(s) in the weights "
+            f"are not part of the model it describes ({shown}); they would be dropped, so the model is refused"
+        )
     return model
+
+
+def _outside_the_model(model: torch.nn.Module, keys: list[str]) -> list[str]:
+    """The keys whose top-level module the model has no trace of (neither as a child nor under its
+    base-model prefix): a task head of another class, not a part of this model."""
+    children = {name for name, _ in model.named_children()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    inner = {name for name, _ in base.named_children()} if isinstance(base, torch.nn.Module) else set()
+
+    def outside(key: str) -> bool:
+        first = key.split(".")[0]
+        # under the base model (or any module the model has) a key is the model's own: never a head
+        return first != prefix and first not in children and first not in inner
+
+    return [k for k in keys if outside(k)]
+
+
+SAFETENSORS_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_float_dtype(headers: list[dict] | None) -> torch.dtype | None:
+    """The floating-point dtype most of the elements of safetensors `headers` are stored in."""
+    counts: dict[str, int] = {}
+    for header in headers or []:
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_FLOAT_DTYPES:
+                counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + math.prod(entry.get("shape") or [1])
+    return SAFETENSORS_FLOAT_DTYPES[max(counts, key=counts.get)] if counts else None
+
+
+def _check_storage_dtypes(model: torch.nn.Module, headers: list[dict], model_dir: Path) -> None:
+    """Refuse a checkpoint that stores an integer or boolean tensor where the model holds a floating
+    one (or the reverse): transformers casts it to the model's dtype without a word, and the cast
+    values (a quantized checkpoint's int8 codes, a mask) would then be scored and pruned as weights.
+    Integer tensors the model itself declares as integers keep their dtype."""
+    state = model.state_dict()
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    for header in headers:
+        for name, entry in header.items():
+            if name == "__metadata__" or not isinstance(entry, dict):
+                continue
+            tensor = state.get(name)
+            if tensor is None and name.startswith(prefix):
+                tensor = state.get(name[len(prefix):])
+            if tensor is None:  # a name the family renames on load, or one transformers ignores
+                continue
+            stored = str(entry.get("dtype", ""))
+            stored_floating = stored.startswith(("F", "BF"))
+            if stored_floating != tensor.is_floating_point():
+                what = ("integer or boolean tensors (a quantized checkpoint?) would be cast to floating point and "
+                        "pruned as weights" if not stored_floating else "floating-point values would be cast to "
+                        "integers")
+                raise ModelLoadError(f"the weights in {model_dir} store {name} as {stored}, but "
+                                     f"{type(model).__name__} holds it as {str(tensor.dtype).replace('torch.', '')}: "
+                                     f"{what}; refusing to load it")
 
 
 def _model_class(kind: ModelKind):
@@ -465,10 +567,14 @@ def _convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_conversions(cache_dir)
-    # Build in a temp sibling, then rename: a killed conversion never leaves a half-written cache.
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    try:
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_conversions(cache_dir)
+        # Build in a temp sibling, then rename: a killed conversion never leaves a half-written cache.
+        temp_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    except OSError as error:
+        raise ModelLoadError(f"cannot write the converted model into the cache {cache_dir.parent}: "
+                             f"{error.strerror or error}; set GRAPHPRUNE_CACHE to a writable directory") from error
     try:
         try:
             source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}

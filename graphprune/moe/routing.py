@@ -130,7 +130,7 @@ def collect_expert_stats(model: torch.nn.Module, layers: list[ExpertLayer], batc
         with torch.no_grad():
             for start in tqdm(range(0, batches.shape[0], batch_size), desc="expert routing", unit="batch",
                               disable=not progress, leave=False):
-                body(input_ids=batches[start:start + batch_size], **kwargs)
+                body(input_ids=batches[start:start + batch_size].to(next(model.parameters()).device), **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -81,6 +81,16 @@ class PassManager(Generic[State]):
 
 
 @dataclass
+class Plan:
+    """What `Pass.check` sees before any calibration runs: the model (or None where the backend holds
+    none in memory), the groups to prune and the stage (criterion, compensation, --sequential)."""
+
+    model: Any
+    chosen: list
+    stage: Any
+
+
+@dataclass
 class RewriteState:
     """What the PyTorch rewrite passes share: tensors by name (one model or one layer of it), the
     groups being pruned and which of their units go, and what the passes found out on the way."""

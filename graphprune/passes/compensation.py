@@ -28,9 +28,10 @@ class Compensation:
 
 
 _REGISTRY: dict[str, Compensation] = {}
-# The compensation a criterion gets when none is asked for: FLAP's own recipe for flap; obs chooses
-# units for the least-squares update, so it needs it.
-DEFAULTS = {"flap": "bias", "obs": "lsq"}
+# Without --compensate a criterion gets least squares where the backend and the layers support it
+# (`backends.base.Backend.default_compensation`); where they do not, FLAP falls back to its own bias
+# compensation and the others to none.
+FALLBACKS = {"flap": "bias"}
 
 
 def register(compensation: Compensation) -> Compensation:
@@ -70,5 +71,6 @@ def get(name: str) -> Compensation:
     return _REGISTRY[name]
 
 
-def default_for(criterion: str | None) -> str:
-    return DEFAULTS.get(criterion or "", "none")
+def fallback_for(criterion: str | None) -> str:
+    """The compensation a criterion gets where least squares is not available."""
+    return FALLBACKS.get(criterion or "", "none")

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..criteria.base import Criterion, consumer_slices, module_of
+from ..criteria.base import Criterion, Need, consumer_slices, module_of
+from ..errors import PruningError
 from ..graph.groups import Group, ParamSlice
 from ..calibration.blocks import BlockRunner, Gram, Replacement
 from ..solvers import lsq
@@ -80,24 +81,58 @@ class LayerwiseCompensation:
         self.damp = damp
         self.criterion = criterion
 
+    @staticmethod
+    def check(plan) -> None:
+        """Refuse consumers this pass cannot refit: it reads their weights as [out, in], and GPT-2's
+        Conv1D stores [in, out]."""
+        transposed = sorted({s.param for g in plan.chosen for s in consumer_slices(g)
+                             if s.expert is None and s.axis != plan.model.get_parameter(s.param).dim() - 1})
+        if transposed:
+            stage = plan.stage
+            asked = [what for what, on in (("--compensate lsq", stage.compensate == "lsq"),
+                                           ("--sequential", stage.sequential),
+                                           (f"criterion '{stage.criterion}'", Need.GRAMS in stage.scorer.needs)) if on]
+            raise PruningError(f"{' and '.join(asked)} cannot handle weights stored as [in, out] yet (e.g. "
+                               f"{transposed[0]}, a Conv1D): use --compensate bias or none, without --sequential")
+
     def run(self, runner: BlockRunner, groups: list[Group], removed: dict[str, np.ndarray],
             params: dict[str, torch.Tensor]) -> LayerwiseResult:
         result = LayerwiseResult(removed=dict(removed))
+        for _ in self.blocks(runner, groups, result, params):
+            pass
+        return result
+
+    def blocks(self, runner, groups: list[Group], result: LayerwiseResult, params):
+        """Compensate block by block, yielding each block index once its consumers are done (their new
+        [W | b] in `result.weights`, their units in `result.removed`): a caller may write a block out
+        and drop its weights before the next is computed (the streaming backend does). Blocks after the
+        last pruned one are not run."""
+        plan = consumers_by_block(runner, groups)
         if not self.sequential:
-            for _, stages, run, _ in dense_block_runs(runner, groups, "block"):
+            for index, stages, run, _ in dense_block_runs(runner, groups, "block"):
                 for module, members in stages:
                     self._compensate(module, members, run.grams[module], params, result)
-            return result
-        plan = consumers_by_block(runner, groups)
+                yield index
+            return
         inputs = runner.inputs
-        for index in range(max(plan, default=-1) + 1):  # blocks after the last pruned one need not run
+        last = max(plan, default=-1)
+        for index in range(last + 1):
             replacements: dict[str, Replacement] = {}
-            for module, members in plan.get(index, []):
+            stages = plan.get(index, [])
+            for k, (module, members) in enumerate(stages):
+                final = k == len(stages) - 1
+                # an inner consumer needs only its own input: the block stops there; the last one's run
+                # also gives the block's outputs, corrected below for its new weights
                 run = runner.run_block(index, inputs, gram_modules=(module,), replacements=replacements,
-                                       keep_outputs=False, desc=f"block {index} {module.rsplit('.', 1)[-1]}")
+                                       keep_outputs=final and index < last, stop_after=None if final else module,
+                                       capture_inputs=(module,) if final and index < last else (),
+                                       desc=f"block {index} {module.rsplit('.', 1)[-1]}")
                 replacements[module] = self._compensate(module, members, run.grams[module], params, result)
-            inputs = runner.run_block(index, inputs, replacements=replacements).outputs
-        return result
+                if final and index < last:
+                    inputs = corrected_outputs(runner, index, inputs, run, module, params, replacements)
+            if not stages and index < last:
+                inputs = runner.run_block(index, inputs).outputs
+            yield index
 
     def _compensate(self, module: str, members: list[tuple[Group, ParamSlice]], gram: Gram,
                     params: dict[str, torch.Tensor], result: LayerwiseResult) -> Replacement:
@@ -129,3 +164,30 @@ class LayerwiseCompensation:
         }
         result.weights[module] = new
         return Replacement(new[:, :-1].to(weight.dtype), new[:, -1].to(weight.dtype))
+
+
+def corrected_outputs(runner, index: int, inputs: list[torch.Tensor], run, module: str, params,
+                      replacements: dict[str, Replacement]) -> list[torch.Tensor]:
+    """The block's outputs with `module` given its new weights, from the outputs of the run that used
+    its old ones: y + (W' - W) x + (b' - b), where x is the module's captured input. Exact when the
+    block's output is linear in that module's output (a residual add right after it, as in Llama);
+    checked on the first batch against a real run, and a block that is not (a norm after its FFN,
+    as in Gemma) is run again with the new weights."""
+    rep = replacements[module]
+    weight = params[f"{module}.weight"]
+    bias = params.get(f"{module}.bias")
+    delta_w = rep.weight.to("cpu", torch.float64) - weight.detach().to("cpu", torch.float64)
+    delta_b = (rep.bias.to("cpu", torch.float64) if rep.bias is not None else 0.0) - \
+        (bias.detach().to("cpu", torch.float64) if bias is not None else 0.0)
+    corrected = []
+    if isinstance(delta_b, torch.Tensor):
+        delta_b = delta_b.to(run.outputs[0].device)
+    delta_w = delta_w.to(run.outputs[0].device)
+    for y, x in zip(run.outputs, run.captured[module]):
+        change = x.to(torch.float64) @ delta_w.T + delta_b
+        corrected.append((y.to(torch.float64) + change.reshape(y.shape)).to(y.dtype))
+    check = runner.run_block(index, inputs[:1], replacements=replacements).outputs[0]
+    scale = float(check.abs().max()) or 1.0
+    if float((check - corrected[0]).abs().max()) > 1e-4 * scale:
+        return runner.run_block(index, inputs, replacements=replacements).outputs
+    return corrected

@@ -1,9 +1,9 @@
 """What a compress run is asked to do: `CompressOptions`, checked before any expensive work.
 
-`CompressOptions.resolved()` fills the defaults that depend only on the options (criterion for the
-target, compensation for the criterion) and refuses contradictory requests in one line; defaults
-that depend on the model (allocation for encoders, the target where heads cannot be written) are
-filled by the driver once the model is open.
+`CompressOptions.resolved()` checks the options alone and refuses contradictory requests in one
+line. Defaults that depend on the model and the backend (the pipeline when no criterion is named,
+the compensation, the allocation for encoders, the target where heads cannot be written) are filled
+by the driver once the model is open (`backends.base.Backend.default_pipeline` and friends).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from ..passes import compensation as compensation_registry
 TARGETS = {"channels": ("channel",), "heads": ("kv-group",), "query-heads": ("head",), "kv-groups": ("kv-group",),
            "experts": ("expert",), "hidden": ("hidden",), "expert-channels": ("channel",)}
 DEFAULT_TARGET = "channels,heads"
-DEFAULT_CRITERION = "flap"
 DEFAULT_EXPERT_CRITERION = "easyep"
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -40,8 +39,11 @@ class CompressOptions:
     sparsity: float = 0.2
     allocation: str | None = None
     target: str | None = None
-    calib: Any = "default"  # a spec string or path, or a list of them (expert criteria combine domains)
+    # a spec string or path, or a list of them (expert criteria combine domains); from Python also texts,
+    # a datasets.Dataset, a LongTensor [N, T], a DataLoader or a forward loop (calibration.data)
+    calib: Any = "default"
     calib_general: str | None = None
+    text_column: str | None = None  # the column of a datasets.Dataset given as calib= (default "text")
     nsamples: int = 128
     seqlen: int = 128
     seed: int = 0
@@ -49,10 +51,12 @@ class CompressOptions:
     sequential: bool = False
     damp: float = 0.01
     round_to: int = 1
+    allow_short: bool = False  # accept a plan that removes clearly less than asked (see pipeline.run)
     floor: int = 1
     batch_size: int = 8
     pair_batch: int = 16
     criterion_options: dict = field(default_factory=dict)
+    units_stage: bool = True  # channels/heads are pruned (False: routed experts only); set by `resolved`
     expert_criterion: str | None = None
     expert_sparsity: float | None = None
     expert_allocation: str = "uniform"
@@ -64,6 +68,7 @@ class CompressOptions:
     resume: bool = False
     device: str | None = None
     dtype: str | None = None
+    out_dtype: str | None = None  # None: the input's stored dtype (bf16 in, bf16 out)
     # the output
     out: str | Path | None = None
     force: bool = False
@@ -77,7 +82,9 @@ class CompressOptions:
 
     @property
     def calib_sources(self) -> list:
-        return [self.calib] if isinstance(self.calib, (str, Path)) else list(self.calib)
+        from ..calibration.data import CalibrationData
+
+        return [self.calib] if isinstance(self.calib, (str, Path, CalibrationData)) else list(self.calib)
 
     def target_parts(self) -> list[str]:
         parts = [t.strip() for t in (self.target or DEFAULT_TARGET).split(",") if t.strip()] or [""]
@@ -89,6 +96,12 @@ class CompressOptions:
     # ------------------------------------------------------------------ checks
     def resolved(self) -> "CompressOptions":
         """These options with the option-only defaults filled, or a one-line UserError."""
+        from ..calibration.data import as_calibration
+
+        if not isinstance(self.calib, (str, Path)) or not isinstance(self.calib_general, (str, Path, type(None))):
+            # Python data (texts, a Dataset, token ids, batches, a forward loop) becomes one CalibrationData
+            self = self.replace(calib=as_calibration(self.calib, text_column=self.text_column),
+                                calib_general=as_calibration(self.calib_general, text_column=self.text_column))
         for name, value in (("--sparsity", self.sparsity), ("--expert-sparsity", self.expert_sparsity)):
             if value is None and name == "--expert-sparsity":
                 continue
@@ -117,11 +130,10 @@ class CompressOptions:
         if self.allocation is not None:
             allocation_registry.get(self.allocation)
         compensate = self.compensate
-        if compensate is None:
-            compensate = compensation_registry.default_for(criterion)
-        compensation_registry.get(compensate)
-        if scorer is not None:
-            scorer.check_compensation(compensate)
+        if compensate is not None:
+            compensation_registry.get(compensate)
+            if scorer is not None:
+                scorer.check_compensation(compensate)
         if self.sequential and compensate == "none":
             raise UserError("--sequential recalibrates each layer for its compensation: it needs --compensate bias or "
                             "lsq")
@@ -131,11 +143,15 @@ class CompressOptions:
             raise UserError(f"unknown --device '{self.device}' (choose from {', '.join(DEVICES)})")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"unknown --dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
-        return self.replace(criterion=criterion, expert_criterion=expert, compensate=compensate)
+        if self.out_dtype is not None and self.out_dtype not in DTYPES:
+            raise UserError(f"unknown --out-dtype '{self.out_dtype}' (choose from {', '.join(DTYPES)})")
+        units = expert is None or self.channel_target() != ""
+        return self.replace(criterion=criterion, expert_criterion=expert, compensate=compensate, units_stage=units)
 
     def _criteria(self) -> tuple[str | None, str | None]:
-        """(criterion for channels/heads, criterion for routed experts); None where that stage does not
-        run. Expert criteria (easyep, reap, ...) score experts only, the others channels and heads only:
+        """(criterion for channels/heads, criterion for routed experts). The first is None where the
+        user named none (the backend's best pipeline runs, see `units_stage`), the second None where
+        no experts stage runs. Expert criteria (easyep, reap, ...) score experts only, the others channels and heads only:
         `--target experts` takes `--criterion` when it names an expert criterion, a combined target takes
         the expert one from `--expert-criterion` (default easyep)."""
         parts = self.target_parts()
@@ -148,7 +164,7 @@ class CompressOptions:
                 raise UserError(f"criterion '{criterion}' scores routed experts: use it with --target experts")
             if expert_criterion is not None:
                 raise UserError("--expert-criterion needs --target experts (e.g. --target experts,channels)")
-            return criterion or DEFAULT_CRITERION, None
+            return criterion, None
         if parts == ["experts"]:
             if criterion is not None and not is_expert and expert_criterion is None:
                 expert_scorer(criterion)  # raises: names the expert criteria
@@ -157,7 +173,7 @@ class CompressOptions:
             raise UserError(f"criterion '{criterion}' scores experts only; with --target {self.target} name the "
                             f"channel/head criterion with --criterion and the expert one with --expert-criterion "
                             f"{criterion}")
-        return criterion or DEFAULT_CRITERION, expert_criterion or DEFAULT_EXPERT_CRITERION
+        return criterion, expert_criterion or DEFAULT_EXPERT_CRITERION
 
     def channel_target(self) -> str | None:
         """The target of the channel/head stage once experts are done ("" when experts are all)."""

@@ -78,10 +78,17 @@ def build_report(*, model_name: str, options, records: list[StageRecord], params
     flops_before = records[0].flops_before
     flops_after = records[-1].flops_before - records[-1].flops_removed
     kept: dict[str, Any] = {}
+    units_before: dict[str, Any] = {}  # what each kept count was before (the model card draws both)
     if units is not None:
+        from ..moe.channels import is_expert_channel
+
         kept.update(units.kept_units)
+        units_before.update({kind: counts for kind, counts in kept_units(units.chosen, {}, skip=is_expert_channel).items()
+                             if kind in units.kept_units})
     if experts is not None:
         kept["expert"] = experts.experts["kept_per_layer"]
+        units_before["expert"] = {layer: count + len(experts.experts["removed_per_layer"].get(layer, []))
+                                  for layer, count in experts.experts["kept_per_layer"].items()}
     stage = main.stage
     calibration = main.calibration
     report: dict[str, Any] = {
@@ -101,6 +108,7 @@ def build_report(*, model_name: str, options, records: list[StageRecord], params
                    "achieved_sparsity": (layers_before - layers_after) / max(layers_before, 1)},
         "flops_per_token": {"before": flops_before, "after": flops_after},
         "kept_units": kept,
+        "units_before": units_before,
         "floored_groups": list(main.plan.floored) if units is not None else [],
         "allocation_notes": list(main.plan.notes) if units is not None else [],
         "blocked_groups": [{"scope": g.scope, "kind": g.kind, "reason": g.reason} for g in blocked_groups

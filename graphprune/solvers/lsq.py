@@ -50,8 +50,8 @@ def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
 
 def augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """[W | b] in float64 (b = 0 for a layer without bias)."""
-    w = weight.detach().to(torch.float64)
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    w = weight.detach().to("cpu", torch.float64)
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().to("cpu", torch.float64)
     return torch.cat([w, b[:, None]], dim=1)
 
 

@@ -6,6 +6,8 @@
   must not start), raises in `apply` (a bug), or adds a pass after slicing that sets a parameter to
   NaN (a rewrite that breaks the model).
 - `disk_free(bytes)`: the free-space check sees `bytes` free (`guards.free_bytes`).
+- `text_read_limit(bytes)`: text files (calibration, eval data) are read up to `bytes`
+  (`calibration.text.MAX_TEXT_BYTES`), so a test needs no file of tens of megabytes.
 """
 
 from __future__ import annotations
@@ -67,6 +69,19 @@ def disk_free(free: int):
         yield
     finally:
         guards.free_bytes = original
+
+
+@contextlib.contextmanager
+def text_read_limit(limit: int):
+    """Text files are read up to `limit` bytes within the block."""
+    from ..calibration import text
+
+    original = text.MAX_TEXT_BYTES
+    text.MAX_TEXT_BYTES = limit
+    try:
+        yield
+    finally:
+        text.MAX_TEXT_BYTES = original
 
 
 def preloaded(loaded) -> type[MemoryBackend]:

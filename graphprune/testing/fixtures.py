@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SAMPLE_TEXT = (
@@ -50,4 +51,59 @@ def save_tiny_llama(directory: Path, **kwargs) -> Path:
 def write_sample_text(path: Path, repeats: int = 40) -> Path:
     path = Path(path)
     path.write_text(SAMPLE_TEXT * repeats, encoding="utf-8")
+    return path
+
+
+def write_tiny_gguf(path: Path, *, hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads: int = 2,
+                    layers: int = 2) -> Path:
+    """A float32 Llama GGUF with a byte-level BPE vocabulary, small enough to convert in a second."""
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    tokens = ["<|endoftext|>", "<s>", "</s>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+    kv_width = kv_heads * hidden // heads
+    shapes = {
+        "token_embd.weight": (len(tokens), hidden),
+        "output_norm.weight": (hidden,),
+        "output.weight": (len(tokens), hidden),
+    }
+    for block in range(layers):
+        shapes |= {
+            f"blk.{block}.attn_norm.weight": (hidden,),
+            f"blk.{block}.ffn_norm.weight": (hidden,),
+            f"blk.{block}.attn_q.weight": (hidden, hidden),
+            f"blk.{block}.attn_k.weight": (kv_width, hidden),
+            f"blk.{block}.attn_v.weight": (kv_width, hidden),
+            f"blk.{block}.attn_output.weight": (hidden, hidden),
+            f"blk.{block}.ffn_gate.weight": (intermediate, hidden),
+            f"blk.{block}.ffn_up.weight": (intermediate, hidden),
+            f"blk.{block}.ffn_down.weight": (hidden, intermediate),
+        }
+    for name, shape in shapes.items():
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path

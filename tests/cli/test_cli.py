@@ -72,6 +72,11 @@ def test_compress_then_eval(model_dir, calib, tmp_path):
     result = run("eval", out, "--data", calib, "--seqlen", "64", "--windows", "4", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout
+    import json
+
+    row = json.loads((out / "graphprune_report.json").read_text())["evaluation"][0]  # recorded in the output
+    assert row["kind"] == "perplexity" and row["data"] == "calib.txt" and f"{row['value']:.4f}" in result.stdout
+    assert f"| perplexity | calib.txt | ppl | {row['value']:.4f} |" in (out / "README.md").read_text()
 
 
 BAD = [
@@ -180,6 +185,7 @@ def test_interrupt_mid_run_leaves_no_output(model_dir, calib, tmp_path, sig, cod
     out = tmp_path / "out"
     before = digest(model_dir)
     proc = subprocess.Popen([sys.executable, "-m", "graphprune.cli", "compress", str(model_dir), "--calib", str(calib),
+                             "--criterion", "flap", "--compensate", "bias",  # a long calibration to interrupt
                              "--nsamples", "100000", "--seqlen", "32", "--out", str(out), "--no-cache"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     deadline = time.time() + 120

@@ -352,7 +352,7 @@ def test_remote_code_is_not_run_unless_asked(graphprune, model_copy, tmp_path):
 # GGUF: the loader converts a GGUF once into a cache; a corrupt one must leave no cache entry.
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
-    from test_models_loading import write_tiny_gguf
+    from graphprune.testing.fixtures import write_tiny_gguf
 
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
@@ -586,8 +586,11 @@ def test_existing_output_is_kept_without_force(graphprune, model_dir, tmp_path):
     a_file.write_text("keep me too")
     assert_refused(graphprune(*compress_args(model_dir, a_file)), "exists and is not a directory")
     assert a_file.read_text() == "keep me too"
-    assert_refused(graphprune(*compress_args(model_dir, tmp_path / "no" / "such" / "dir")),
-                   "parent directory", "does not exist")
+    # a missing parent is created (mkdir -p), a file in the way of one is not replaced
+    assert graphprune(*compress_args(model_dir, tmp_path / "new" / "parents" / "out")).code == 0
+    assert (tmp_path / "new" / "parents" / "out" / "config.json").is_file()
+    assert_refused(graphprune(*compress_args(model_dir, a_file / "below" / "out")), "is not a directory")
+    assert a_file.read_text() == "keep me too"
 
 
 def test_disk_too_small_is_refused_before_any_work(graphprune, model_dir, tmp_path):
@@ -908,3 +911,359 @@ def test_reported_peak_rss_is_the_process_own_not_a_parents():
     own, _ru_maxrss = map(float, child.stdout.split())
     del ballast
     assert own < 1200  # torch and graphprune imported: a few hundred MB, not the parent's 1.5 GB
+
+
+# --- issue 24: the calibration cache, paths and tensors read from model files, text files, export checks ---
+# (defects 3, 4, 5, 7, 10, 12, 13 and 14; docs/reliability.md rows 64-83)
+
+
+def _flap(model: Path, calib_path: Path, out: Path, *extra) -> list:
+    return ["compress", model, "--criterion", "flap", "--calib", calib_path, "--nsamples", "8", "--seqlen", "32",
+            "--out", out, "--quiet", *extra]
+
+
+def _run_record(out: Path) -> dict:
+    return json.loads((out / "graphprune_run.json").read_text())
+
+
+def test_an_edited_calibration_file_is_not_answered_from_the_cache(graphprune, model_dir, tmp_path, monkeypatch):
+    """The cache was keyed on the calibration file's path: edit the file, rerun, and the statistics of
+    its old content were used (other kept channels than a --no-cache run)."""
+    from graphprune.calibration.text import default_calibration_text
+    from graphprune.testing.fixtures import SAMPLE_TEXT
+
+    monkeypatch.setenv("GRAPHPRUNE_CALIB_CACHE", str(tmp_path / "cache"))
+    calib_path = tmp_path / "calib.txt"
+    calib_path.write_text(SAMPLE_TEXT * 40, encoding="utf-8")
+    assert graphprune(*_flap(model_dir, calib_path, tmp_path / "old")).code == 0
+    calib_path.write_text(default_calibration_text()[:20_000], encoding="utf-8")
+    before = digest(model_dir), digest(calib_path)
+    for out, extra in ((tmp_path / "cached", ()), (tmp_path / "fresh", ("--no-cache",))):
+        run = graphprune(*_flap(model_dir, calib_path, out, *extra))
+        assert run.code == 0 and run.error_lines == [], run.err
+    assert (digest(model_dir), digest(calib_path)) == before
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in ("old", "cached", "fresh")}
+    assert weights["old"] != weights["fresh"]  # the two texts keep other channels: the test can tell
+    assert weights["cached"] == weights["fresh"]
+    assert _run_record(tmp_path / "cached")["calibration_cache"] == "miss"
+    report = json.loads((tmp_path / "cached" / "graphprune_report.json").read_text())
+    assert len(report["calibration"]["sha256"]) == 64  # the report names the content it calibrated on
+
+
+def test_another_model_never_gets_this_models_statistics(graphprune, model_dir, model_copy, calib, tmp_path,
+                                                        monkeypatch):
+    """The weights' identity was 16 sampled values per tensor: a model differing elsewhere shared statistics."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("GRAPHPRUNE_CALIB_CACHE", str(tmp_path / "cache"))
+    weights = load_file(model_copy / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 1] += 0.5  # not one of the 16 sampled values
+    save_file(weights, model_copy / "model.safetensors", metadata={"format": "pt"})
+    assert graphprune(*_flap(model_dir, calib, tmp_path / "a")).code == 0
+    assert graphprune(*_flap(model_copy, calib, tmp_path / "b")).code == 0
+    assert _run_record(tmp_path / "b")["calibration_cache"] == "miss"
+    assert graphprune(*_flap(model_copy, calib, tmp_path / "c")).code == 0
+    assert _run_record(tmp_path / "c")["calibration_cache"] == "hit"
+
+
+def _cache_entry_tensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as opened:
+        return {k: opened.get_tensor(k) for k in opened.keys()}, opened.metadata() or {}
+
+
+def _first_sum(tensors: dict) -> str:
+    return sorted(k for k in tensors if k.endswith("/sum"))[0]
+
+
+def _changed_values(path: Path) -> None:
+    """Readable and well formed, but the values differ from what was computed (checksum kept)."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = _cache_entry_tensors(path)
+    tensors[_first_sum(tensors)] = tensors[_first_sum(tensors)] * 3
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _rewritten(change):
+    """The entry rewritten through the cache itself (so its checksum verifies) with `change` applied."""
+
+    def damage(path: Path) -> None:
+        from graphprune.calibration.cache import write_cache_tensors
+
+        tensors, _ = _cache_entry_tensors(path)
+        change(tensors)
+        write_cache_tensors(path.stem, tensors)
+
+    return damage
+
+
+CACHE_DAMAGE = {
+    "changed-values": (_changed_values, "its checksum does not match its content"),
+    "missing-tensor": (_rewritten(lambda t: t.pop(_first_sum(t))), "no tensor 'in/"),
+    "wrong-shape": (_rewritten(lambda t: t.update({_first_sum(t): t[_first_sum(t)][:-1]})), "have shapes"),
+    "not-safetensors": (lambda path: path.write_bytes(b"not a cache entry"), "unreadable"),
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGE, ids=list(CACHE_DAMAGE))
+def test_a_damaged_calibration_cache_entry_is_recomputed_with_a_notice(graphprune, model_dir, calib, tmp_path,
+                                                                       monkeypatch, damage):
+    """Damaged but readable entries were trusted (changed values used silently; a missing tensor or a
+    wrong shape was an internal error). Now an entry carries a checksum and what does not verify is
+    recomputed after one warning line: the output is that of an undamaged run."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GRAPHPRUNE_CALIB_CACHE", str(cache))
+    assert graphprune(*_flap(model_dir, calib, tmp_path / "first")).code == 0
+    [entry] = cache.glob("*.safetensors")
+    harm, needle = CACHE_DAMAGE[damage]
+    harm(entry)
+    before = digest(model_dir), digest(calib)
+    run = graphprune(*_flap(model_dir, calib, tmp_path / "second"))
+    assert run.code == 0, run.err
+    assert len(run.error_lines) == 1 and "Traceback" not in run.err, run.err
+    line = run.error_lines[0]
+    assert line.startswith(f"graphprune: warning: calibration cache entry {entry} is damaged (") and needle in line
+    assert line.endswith("; recomputing it"), line
+    assert (digest(model_dir), digest(calib)) == before
+    first, second = ((tmp_path / name / "model.safetensors").read_bytes() for name in ("first", "second"))
+    assert first == second
+    assert _run_record(tmp_path / "second")["calibration_cache"] == "miss"
+    run = graphprune(*_flap(model_dir, calib, tmp_path / "third"))  # the recomputed entry replaced the damaged one
+    assert run.code == 0 and run.error_lines == [] and _run_record(tmp_path / "third")["calibration_cache"] == "hit"
+
+
+@pytest.mark.parametrize("value", ["", "  "], ids=["empty", "blank"])
+def test_an_empty_cache_variable_never_writes_into_the_current_directory(graphprune, model_dir, calib, tmp_path,
+                                                                         monkeypatch, value):
+    """`GRAPHPRUNE_CACHE=` (a variable that expanded to nothing) put calibration/ into the working directory."""
+    work = _user_files(tmp_path / "work")
+    home = tmp_path / "home"
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("GRAPHPRUNE_CALIB_CACHE", raising=False)
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", value)
+    before = digest(work)
+    run = graphprune(*_flap(model_dir, calib, tmp_path / "out"))
+    assert run.code == 0, run.err
+    assert digest(work) == before
+    assert list((home / ".cache" / "graphprune" / "calibration").glob("*.safetensors"))
+
+
+def _fewer_layers(model: Path) -> None:
+    _set_config(model, num_hidden_layers=1)
+
+
+def _extra_tensor(model: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    weights["model.extra_scale"] = torch.ones(4)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+
+
+UNDESCRIBED = [
+    (_fewer_layers, "9 tensor(s) in the weights are not part of the model it describes (model.layers.1.input_layernorm"
+                    ".weight, model.layers.1.mlp.down_proj.weight, model.layers.1.mlp.gate_proj.weight, ...)"),
+    (_extra_tensor, "1 tensor(s) in the weights are not part of the model it describes (model.extra_scale)"),
+]
+
+
+@pytest.mark.parametrize("change,needle", UNDESCRIBED, ids=["fewer-layers", "extra-tensor"])
+def test_weights_the_config_does_not_describe_are_refused(graphprune, model_copy, tmp_path, change, needle):
+    """They were dropped silently: exit 0 with a truncated model."""
+    change(model_copy)
+    before, out = digest(model_copy), tmp_path / "out"
+    for args in (("inspect", model_copy), compress_args(model_copy, out)):
+        assert_refused(graphprune(*args), "config.json in", "does not match its weights", needle,
+                       "they would be dropped, so the model is refused")
+    assert digest(model_copy) == before
+    assert_no_output(out)
+
+
+def _index_pointing_at(location: str):
+    def build(tmp_path: Path) -> tuple[Path, list]:
+        model = tmp_path / "sharded"
+        tiny_llama().save_pretrained(model, max_shard_size="50KB")
+        byte_level_tokenizer_dir = save_tiny_llama(tmp_path / "tok")  # a tokenizer for compress
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(byte_level_tokenizer_dir / name, model / name)
+        index_path = model / "model.safetensors.index.json"
+        index = json.loads(index_path.read_text())
+        first = sorted(set(index["weight_map"].values()))[0]
+        index["weight_map"] = {k: (location if v == first else v) for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index))
+        return model, [("inspect", model), compress_args(model, tmp_path / "out"),
+                       compress_args(model, tmp_path / "out", "--stream")]
+    return build
+
+
+def _sentence_transformers_module(index: int, location: str):
+    def build(tmp_path: Path) -> tuple[Path, list]:
+        from graphprune.testing.encoders import save_tiny_sentence_transformer
+
+        root = save_tiny_sentence_transformer(tmp_path / "st")
+        save_tiny_llama(tmp_path / "victim")
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+        modules = json.loads((root / "modules.json").read_text())
+        modules[index]["path"] = location
+        (root / "modules.json").write_text(json.dumps(modules))
+        return root, ([("inspect", root)] if index == 0 else []) + [compress_args(root, tmp_path / "out")]
+    return build
+
+
+OUTSIDE_PATHS = [
+    (_index_pointing_at("../../../../../../../../../../../../etc/passwd"),
+     "model.safetensors.index.json names '../../../../../../../../../../../../etc/passwd', which is outside the "
+     "model directory"),
+    (_index_pointing_at("/etc/passwd"),
+     "model.safetensors.index.json names '/etc/passwd', which is not a path relative to the model directory"),
+    (_sentence_transformers_module(0, "../victim"),
+     "modules.json names '../victim', which is outside the model directory"),
+    (_sentence_transformers_module(1, "../elsewhere"),
+     "modules.json names '../elsewhere', which is outside the model directory"),
+]
+
+
+@pytest.mark.parametrize("build,needle", OUTSIDE_PATHS,
+                         ids=["index-etc-passwd", "index-absolute", "st-transformer", "st-pooling"])
+def test_paths_read_from_model_files_stay_inside_the_model_directory(graphprune, tmp_path, build, needle):
+    """An index whose weight_map named ../../etc/passwd got that file opened (its first 8 bytes came back
+    in the error); a modules.json pointing outside the folder made graphprune load and prune another
+    model. Every path read from a file now follows the rule ONNX external data has (`io.paths.check_inside`)."""
+    model, commands = build(tmp_path)
+    before = digest(tmp_path)
+    for args in commands:
+        line = assert_refused(graphprune(*args), needle, "refusing to read it")
+        assert "root:" not in line
+    assert digest(tmp_path) == before
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype,stored", [(torch.int8, "I8"), (torch.bool, "BOOL")], ids=["int8", "bool"])
+def test_integer_weights_are_refused_not_cast_to_float(graphprune, model_copy, tmp_path, dtype, stored):
+    """A checkpoint's integer or boolean tensors were cast to float and pruned as weights."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights = load_file(model_copy / "model.safetensors")
+    weights[name] = (weights[name] * 100).to(dtype)
+    save_file(weights, model_copy / "model.safetensors", metadata={"format": "pt"})
+    before, out = digest(model_copy), tmp_path / "out"
+    for args in (("inspect", model_copy), compress_args(model_copy, out)):
+        assert_refused(graphprune(*args), f"store {name} as {stored}, but LlamaForCausalLM holds it as float32",
+                       "would be cast to floating point and pruned as weights; refusing to load it")
+    assert digest(model_copy) == before
+    assert_no_output(out)
+
+
+def _fifo_with_a_writer(path: Path):
+    """A FIFO, and a writer that opens and closes it so that a reader which (wrongly) opens it gets end
+    of file rather than hanging the test; `release` lets the writer go when nobody read."""
+    import threading
+
+    os.mkfifo(path)
+
+    def write():
+        with open(path, "wb"):
+            pass
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+
+    def release():
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(10)
+        os.close(descriptor)
+
+    return release
+
+
+def _at_most_4_gib() -> None:
+    """The child may not map more than 4 GiB: a regression that reads /dev/zero ends in MemoryError
+    there instead of the kernel's OOM killer picking a process on a shared machine."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="POSIX FIFOs and devices")
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_calibration_path_that_is_not_a_regular_file(graphprune, model_dir, tmp_path, kind, command):
+    """A FIFO hung forever; /dev/zero was read until memory ran out (that case runs in a child process
+    limited to 4 GiB of address space)."""
+    out = tmp_path / "out"
+    path = tmp_path / "calib.txt" if kind == "fifo" else Path("/dev/zero")
+    args = (_flap(model_dir, path, out) if command == "compress" else
+            ["eval", model_dir, "--data", path, "--quiet", "--seqlen", "16", "--windows", "2"])
+    if kind == "fifo":
+        release = _fifo_with_a_writer(path)
+        try:
+            assert_refused(graphprune(*args), "calib.txt is a named pipe (FIFO), not a regular file")
+        finally:
+            release()
+    else:
+        child = subprocess.run([sys.executable, "-m", "graphprune", *map(str, args)], capture_output=True, text=True,
+                               env=ENV, timeout=300, preexec_fn=_at_most_4_gib)
+        assert_refused(Run(child.returncode, child.stdout, child.stderr),
+                       "graphprune: error: calibration file /dev/zero is a character device, not a regular file")
+    assert_no_output(out)
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes read through Linux's /proc/self/io")
+def test_a_huge_calibration_file_is_never_read_whole(graphprune, model_dir, tmp_path):
+    """A 2 GB file was read whole to be rejected. Here 1 GiB (text, then a sparse hole of NUL bytes):
+    refused having read at most the 32 MiB graphprune reads of any text file (`text.MAX_TEXT_BYTES`)."""
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as file:
+        file.write(b"some calibration text\n" * 1000)
+        file.truncate(2**30)
+
+    def bytes_read() -> int:
+        return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                        if line.startswith("rchar:")))
+
+    before, out = bytes_read(), tmp_path / "out"
+    assert_refused(graphprune(*_flap(model_dir, huge, out)), "huge.txt looks binary (it contains NUL bytes)")
+    assert bytes_read() - before < 48 * 2**20  # the limit, the model and a few modules imported on the way
+    assert_no_output(out)
+
+
+def test_a_calibration_file_over_the_read_limit_is_used_in_part_and_the_user_is_told(graphprune, model_dir, calib,
+                                                                                    tmp_path):
+    """Of a file larger than graphprune reads (32 MiB; 3 kB here through the seam) its beginning is used."""
+    out = tmp_path / "out"
+    with faults.text_read_limit(3000):
+        run = graphprune(*_flap(model_dir, calib, out, "--no-cache"))
+    assert run.code == 0, run.err
+    assert run.error_lines == [f"graphprune: warning: calibration file {calib} holds {calib.stat().st_size:,} bytes; "
+                               f"reading only its first 3,000 (more than any calibration set or evaluation needs)"]
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("atol", ["nan", "inf", "0", "-1e-4"])
+def test_the_export_parity_check_cannot_be_switched_off(graphprune, model_dir, tmp_path, atol):
+    """`export --atol nan` passed every parity check."""
+    out = tmp_path / "out"
+    before = digest(model_dir)
+    assert_refused(graphprune("export", model_dir, "--out", out, f"--atol={atol}"),
+                   f"graphprune: error: --atol must be a finite number greater than 0, got {float(atol)!r}")
+    assert digest(model_dir) == before
+    assert_no_output(out)
+
+
+def test_exporting_a_model_with_non_finite_weights_is_a_user_error(graphprune, model_copy, tmp_path):
+    """It ended in a failed parity check, exit 1, where compress says exit 2 for the same model."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_copy / "model.safetensors")
+    weights["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
+    save_file(weights, model_copy / "model.safetensors", metadata={"format": "pt"})
+    before, out = digest(model_copy), tmp_path / "out"
+    assert_refused(graphprune("export", model_copy, "--out", out),
+                   "graphprune: error: the input model is broken: model.layers.1.self_attn.o_proj.weight holds 1 "
+                   "NaN/Inf value(s); refusing to export it")
+    assert digest(model_copy) == before
+    assert_no_output(out)

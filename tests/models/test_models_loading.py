@@ -17,7 +17,7 @@ import torch
 from graphprune.errors import ModelLoadError, UserError
 from graphprune.models import BUNDLED_ALIASES, BundledModel, PackagedFile, gguf_cache_dir, load_model, resolve_alias
 from graphprune.models import loading
-from graphprune.testing.fixtures import byte_level_tokenizer, save_tiny_llama, tiny_llama
+from graphprune.testing.fixtures import byte_level_tokenizer, save_tiny_llama, tiny_llama, write_tiny_gguf
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 
@@ -32,60 +32,6 @@ def save_tiny_bert(directory: Path) -> Path:
     )  # fmt: skip
     BertModel(config).save_pretrained(directory)
     return directory
-
-
-def write_tiny_gguf(path: Path) -> Path:
-    """A float32 Llama GGUF with a byte-level BPE vocabulary, small enough to convert in a second."""
-    import gguf
-    from tokenizers import pre_tokenizers
-
-    tokens = ["<|endoftext|>", "<s>", "</s>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt"]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny")
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(INTERMEDIATE)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(len(tokens))
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    writer.add_token_merges(["Ġ t"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    rng = np.random.default_rng(0)
-    kv_width = KV_HEADS * HIDDEN // HEADS
-    shapes = {
-        "token_embd.weight": (len(tokens), HIDDEN),
-        "output_norm.weight": (HIDDEN,),
-        "output.weight": (len(tokens), HIDDEN),
-    }
-    for block in range(LAYERS):
-        shapes |= {
-            f"blk.{block}.attn_norm.weight": (HIDDEN,),
-            f"blk.{block}.ffn_norm.weight": (HIDDEN,),
-            f"blk.{block}.attn_q.weight": (HIDDEN, HIDDEN),
-            f"blk.{block}.attn_k.weight": (kv_width, HIDDEN),
-            f"blk.{block}.attn_v.weight": (kv_width, HIDDEN),
-            f"blk.{block}.attn_output.weight": (HIDDEN, HIDDEN),
-            f"blk.{block}.ffn_gate.weight": (INTERMEDIATE, HIDDEN),
-            f"blk.{block}.ffn_up.weight": (INTERMEDIATE, HIDDEN),
-            f"blk.{block}.ffn_down.weight": (HIDDEN, INTERMEDIATE),
-        }
-    for name, shape in shapes.items():
-        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def write_tiny_onnx(path: Path) -> Path:

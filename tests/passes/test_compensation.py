@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import graphprune
+from graphprune.calibration.blocks import BlockRunner
 from graphprune.errors import UserError
 from graphprune.solvers import lsq
 from graphprune.testing.fixtures import byte_level_tokenizer, tiny_llama
@@ -228,12 +229,11 @@ def test_block_runner_reproduces_the_models_own_forward(family):
 
 
 def test_output_fisher_is_the_mean_squared_token_loss_gradient_of_each_output(model_and_tokenizer):
-    from graphprune.criteria.obs import output_fisher
-
     model, _ = model_and_tokenizer
     batches = torch.randint(3, 200, (4, 10))
     names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
-    fisher = output_fisher(model, batches, names, batch_size=2)
+    # block by block: a forward over the blocks, the loss on the model's head, a backward per block
+    fisher = BlockRunner(model, batches, batch_size=2, progress=False).output_fisher(names)
     outputs = {}
     handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, []).append(o))
                for n in names]

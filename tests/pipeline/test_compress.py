@@ -271,7 +271,7 @@ def test_uniform_output_reloads_with_plain_transformers_in_a_fresh_process(model
     assert result.report["uniform_layers"] is True
     out = save_pruned(result.model, tmp_path / "out", report=result.report)
     report = json.loads((out / "graphprune_report.json").read_text())
-    assert report["compensate"] == "bias" and report["compensated_layers"] > 0
+    assert report["compensate"] == "lsq" and report["compensated_layers"] > 0  # least squares by default
     assert report["config_bias_flags"]  # the compensation biases need e.g. mlp_bias in the config
     _reload_and_compare(result.model, out, tmp_path, "hf")
     reloaded = AutoModelForCausalLM.from_pretrained(out)

@@ -37,7 +37,9 @@ from ...graph.groups import Group
 from ...io.atomic import environment_errors, save_safetensors, write_text
 from ...passes import PassManager, RewriteState
 from ...passes.bias import BiasCompensation
+from ...passes.rewrite import CompensatedWeights
 from ...passes.config import ConfigRewrite, instantiate
+from ...models.structure import check_windows_fit
 from ...passes.slice import SliceParameters
 from .architecture import Architecture, tie
 from .checkpoint import Checkpoint
@@ -53,13 +55,14 @@ PROBE_TOKENS = 8
 
 # ====================================================================== calibration text
 def calibration_windows(checkpoint: Checkpoint, arch: Architecture, calib, needs, nsamples, seqlen, seed, criterion):
-    if not needs & STREAMABLE_NEEDS:
+    if not needs & (STREAMABLE_NEEDS | Need.GRAMS):  # weight-only: no text is read
         return _tokenizer(checkpoint, required=False), None, None
     from ...calibration.text import load_calibration, needs_bos
 
     tokenizer = _tokenizer(checkpoint, required=True, criterion=criterion)
     windows = load_calibration(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                add_bos=needs_bos(arch.config))
+    check_windows_fit(arch.config, windows)
     note = {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "loss": "lm"}
     return tokenizer, windows, note
 
@@ -191,8 +194,11 @@ class Job:
 
     # ------------------------------------------------------------------ sweep 2
     def cut(self, removed: dict[str, np.ndarray], stats: dict[int, dict[str, InputStats]], compensate: str,
-            new_config) -> dict:
-        """Write every layer's pruned tensors; returns how much was already written (resume)."""
+            new_config, compensated=None) -> dict:
+        """Write every layer's pruned tensors; returns how much was already written (resume).
+        `compensated(i)`, when given, returns layer i's layerwise-compensated consumers ({module: [W | b]})
+        and the units removed (which --sequential may re-choose); otherwise `compensate` "bias" applies
+        FLAP's bias from `stats`."""
         self.new_model = instantiate(self.arch.model_class, new_config)  # meta
         tie(self.new_model)
         new_blocks = self.new_model.get_submodule(self.arch.prefix)
@@ -218,21 +224,27 @@ class Job:
         with self._bar("writing", already) as bar:
             for i in range(already, self.n):
                 _maybe_crash("write", i)
-                probe = self._cut_layer(i, removed, stats[i], compensate, new_blocks, expected, probe)
+                weights, layer_removed = compensated(i) if compensated is not None else (None, removed)
+                probe = self._cut_layer(i, layer_removed, stats.get(i, {}), compensate, new_blocks, expected, probe,
+                                        weights)
                 self.probe_outputs.append(probe)
                 return_freed_memory()
                 bar.update(1)
         self._check_logits(probe_ids)
         return {"layers": already, "outside": outside is not None}
 
-    def _cut_layer(self, i, removed, stats, compensate, new_blocks, expected, probe):
+    def _cut_layer(self, i, removed, stats, compensate, new_blocks, expected, probe, weights=None):
         names = self.arch.layer_names(i)
         state = self.checkpoint.read(names)
         _check_finite(state)
         rewrite = RewriteState(state, self.per_layer[i], removed,
                                statistics=Calibration(inputs=stats) if compensate == "bias" else None)
         del state
-        PassManager(([BiasCompensation()] if compensate == "bias" else []) + [SliceParameters()])(rewrite)
+        if weights is not None:
+            first = [CompensatedWeights(weights)]
+        else:
+            first = [BiasCompensation()] if compensate == "bias" else []
+        PassManager(first + [SliceParameters()])(rewrite)
         sliced = rewrite.tensors
         del rewrite
         prefix = self.arch.layer_prefix(i)
@@ -346,7 +358,7 @@ def _maybe_crash(stage: str, layer: int) -> None:
 
 
 # ====================================================================== config and report
-def rewrite_config(arch: Architecture, chosen: list[Group], per_layer, removed, stats, compensate):
+def rewrite_config(arch: Architecture, chosen: list[Group], per_layer, removed, compensate):
     """The pruned config (per-layer overrides as the in-memory rewrite writes them), computed from the
     allocation alone: shapes follow from the removed units, new biases from the compensated layers."""
     from ...passes.slice import removed_indices
@@ -359,14 +371,14 @@ def rewrite_config(arch: Architecture, chosen: list[Group], per_layer, removed, 
         shape[axis] -= len(gone)
         shapes[param] = tuple(shape)
     new_biases: list[str] = []
-    if compensate == "bias":
+    if compensate in ("bias", "lsq"):  # a compensated consumer that lost inputs carries a bias
         for i, groups in enumerate(per_layer):
             for g in groups:
                 if len(removed.get(g.id, ())) == 0:
                     continue
                 for s in consumer_slices(g):
                     module = module_of(s.param)
-                    if module in stats[i] and f"{module}.bias" not in arch.shapes and module not in new_biases:
+                    if f"{module}.bias" not in arch.shapes and module not in new_biases:
                         new_biases.append(module)
                         shapes[f"{module}.bias"] = (shapes[s.param][0],)
     result = ConfigRewrite().run(arch.config, arch.model_class, chosen, removed, shapes, new_biases, arch.n_layers)

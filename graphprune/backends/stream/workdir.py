@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ...errors import OutputError
-from ...io.atomic import replace_path, save_safetensors, write_text
+from ...io.atomic import environment_errors, replace_path, save_safetensors, write_text
 
 STATE_VERSION = 1
 
@@ -49,15 +49,24 @@ class WorkDir:
         self.files = self.root / "out"
         self.state = self.root / "state"
         self.resumed = False
+        self._lock_file = None
         if self.root.exists():
+            # the lock first: a running job's directory is never touched, not even with --force
+            self._lock()
             previous = self._read_run()
             if not resume:
                 if not force:
+                    self.close()
                     raise PartialRunError(f"an interrupted streaming run of {out} left {self.root}: pass --resume to "
-                                      f"continue it, or --force to discard it and start over")
+                                          f"continue it, or --force to discard it and start over")
+                self.close()
                 shutil.rmtree(self.root)
             else:
-                self._check_same_run(previous, fingerprint, options)
+                try:
+                    self._check_same_run(previous, fingerprint, options)
+                except PartialRunError:
+                    self.close()
+                    raise
                 self.resumed = True
         try:
             self.files.mkdir(parents=True, exist_ok=True)
@@ -66,7 +75,8 @@ class WorkDir:
                 leftover.unlink()
         except OSError as error:
             raise OutputError(f"cannot create the work directory {self.root}: {error.strerror or error}") from error
-        self._lock()
+        if self._lock_file is None:
+            self._lock()
         if not self.resumed:
             write_text(self.root / "run.json", json.dumps(
                 {"version": STATE_VERSION, "fingerprint": fingerprint, "options": options,
@@ -100,11 +110,14 @@ class WorkDir:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             self._lock_file.close()
+            self._lock_file = None
             raise PartialRunError(f"another graphprune process is working in {self.root}") from error
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._lock_file.close()
+        if self._lock_file is not None:
+            with contextlib.suppress(Exception):
+                self._lock_file.close()
+            self._lock_file = None
 
     # ------------------------------------------------------------------ sweep 1: statistics and scores
     def scores_path(self, layer: int) -> Path:
@@ -121,13 +134,15 @@ class WorkDir:
         return done
 
     def save_scores(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
-        save_safetensors(self.scores_path(layer), tensors, fsync=True)
+        with environment_errors(self.root):
+            save_safetensors(self.scores_path(layer), tensors, fsync=True)
 
     def load_scores(self, layer: int) -> dict[str, torch.Tensor]:
         return _load(self.scores_path(layer))[0]
 
     def save_inputs(self, layer: int, batches: list[torch.Tensor]) -> None:
-        save_safetensors(self.inputs_path(layer), {f"batch{i}": b for i, b in enumerate(batches)}, fsync=True)
+        with environment_errors(self.root):
+            save_safetensors(self.inputs_path(layer), {f"batch{i}": b for i, b in enumerate(batches)}, fsync=True)
 
     def load_inputs(self, layer: int, device) -> list[torch.Tensor]:
         path = self.inputs_path(layer)
@@ -141,12 +156,29 @@ class WorkDir:
         with contextlib.suppress(FileNotFoundError):
             self.inputs_path(layer).unlink()
 
+    # ------------------------------------------------------------------ activations of the layer-by-layer backward
+    def activations_path(self, depth: int) -> Path:
+        return self.state / f"activations-{depth:05d}.safetensors"
+
+    def save_activations(self, depth: int, batches: list[torch.Tensor]) -> None:
+        with environment_errors(self.root):
+            save_safetensors(self.activations_path(depth), {f"batch{i}": b for i, b in enumerate(batches)})
+
+    def load_activations(self, depth: int, device) -> list[torch.Tensor]:
+        tensors = _load(self.activations_path(depth))[0]
+        return [tensors[f"batch{i}"].to(device) for i in range(len(tensors))]
+
+    def drop_activations(self, depth: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.activations_path(depth).unlink()
+
     # ------------------------------------------------------------------ sweep 2: pruned layers written
     def written_path(self, key: str) -> Path:
         return self.state / f"written-{key}.safetensors"
 
     def mark_written(self, key: str, shard: str, size: int, tensors: dict[str, torch.Tensor]) -> None:
-        save_safetensors(self.written_path(key), tensors, {"shard": shard, "bytes": str(size)}, fsync=True)
+        with environment_errors(self.root):
+            save_safetensors(self.written_path(key), tensors, {"shard": shard, "bytes": str(size)}, fsync=True)
 
     def written(self, key: str) -> dict[str, torch.Tensor] | None:
         """What was kept when `key` was written, or None when it was not (or its shard is gone)."""
