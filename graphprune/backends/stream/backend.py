@@ -21,13 +21,14 @@ import torch
 from ... import allocation as allocation_registry
 from ...criteria import available as available_criteria
 from ...criteria import get as get_criterion
-from ...criteria.base import ExpertCriterion, Need, consumer_slices, module_of
-from ...criteria.scoring import Scores
+from ...criteria.base import ExpertCriterion, Form, Need, consumer_slices, module_of
+from ...criteria.scoring import Scores, score_blocks
 from ...devices import resolve_device, resolve_dtype
 from ...errors import ModelLoadError, UserError
 from ...models.structure import layer_parameter_count
 from ..base import Backend, Capabilities, Stage, StageResult, register
 from .architecture import Architecture, StreamingUnsupported
+from .blocks import StreamBlocks
 from .checkpoint import Checkpoint
 from .runner import keep_heap_small
 from .sweeps import STREAMABLE_NEEDS, Job, calibration_windows, rewrite_config
@@ -103,8 +104,9 @@ class StreamBackend(Backend):
     """See the module docstring."""
 
     name = "stream"
-    capabilities = Capabilities(needs=STREAMABLE_NEEDS, compensations=frozenset({"none", "bias"}), sequential=False,
-                                targets=STREAMABLE_TARGETS, experts=False, self_generated_calibration=False)
+    capabilities = Capabilities(needs=STREAMABLE_NEEDS | Need.GRAMS, compensations=frozenset({"none", "bias", "lsq"}),
+                                sequential=True, targets=STREAMABLE_TARGETS, experts=False,
+                                self_generated_calibration=False)
 
     @classmethod
     def accepts(cls, source, options) -> bool:
@@ -122,15 +124,14 @@ class StreamBackend(Backend):
 
     @classmethod
     def refusal_of(cls, scorer, compensate, *, sequential=False, target_parts=()) -> str | None:
+        streamable = cls.capabilities.needs
         needs = scorer.needs
-        if isinstance(scorer, ExpertCriterion) or needs & ~STREAMABLE_NEEDS:
-            ok = [n for n in available_criteria() if get_criterion(n).needs.within(STREAMABLE_NEEDS)
+        if isinstance(scorer, ExpertCriterion) or not needs.within(streamable):
+            ok = [n for n in available_criteria() if get_criterion(n).needs.within(streamable)
                   and not isinstance(get_criterion(n), ExpertCriterion)]
-            missing = ", ".join(sorted((needs & ~STREAMABLE_NEEDS).names())) or "routing statistics"
+            missing = ", ".join(sorted((needs & ~streamable).names())) or "routing statistics"
             return (f"criterion '{scorer.name}' needs {missing} of the whole model, which streaming does not compute; "
                     f"with --stream use one of {', '.join(ok)}")
-        if compensate == "lsq" or sequential:
-            return "--compensate lsq and --sequential are not available with --stream yet: use --compensate bias or none"
         for part in target_parts:
             if part and part not in STREAMABLE_TARGETS:
                 return (f"--target {part} is not available with --stream (it supports "
@@ -175,10 +176,36 @@ class StreamBackend(Backend):
         return self.name_
 
     def param_counts(self) -> tuple[int, int]:
+        """(unique parameters, parameters of the repeated blocks) of the (meta) model as it is now.
+        The blocks' parameters are those of the traced 2-layer instance (`graph.blocks`, from its
+        graph's structure) carried onto every real layer by the layer renaming."""
+        from ...graph.blocks import count_layer_parameters, module_sizes
+
         model = self.job.new_model if self.job is not None and getattr(self.job, "new_model", None) is not None \
             else self.arch.skeleton
+        if getattr(self, "_layer_names", None) is None:
+            self.groups()  # traces the small instance once (cached)
+            self._layer_names = self._real_layer_names()
+            self._known_names = {name for name, _ in self.arch.skeleton.named_parameters(remove_duplicate=False)}
         return (sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-                layer_parameter_count(model))
+                count_layer_parameters(module_sizes(model), self._layer_names, self._known_names))
+
+    def _real_layer_names(self) -> set[str]:
+        """The traced instance's layer parameters, as names of the real model: a name inside a traced
+        layer stands for that name in every real layer; any other keeps its name."""
+        from ...graph.blocks import layer_parameters
+        from .architecture import TRACE_LAYERS
+
+        arch = self.arch
+        names: set[str] = set()
+        for name in layer_parameters(self.layer_groups.traced):
+            inside = next((name[len(arch.layer_prefix(k)):] for k in range(TRACE_LAYERS)
+                           if name.startswith(arch.layer_prefix(k))), None)
+            if inside is None:
+                names.add(name)
+            else:
+                names.update(arch.layer_prefix(i) + inside for i in range(arch.n_layers))
+        return names
 
     def prepare_output(self, out) -> Path:
         from ...io.hf import prepare_output
@@ -222,9 +249,7 @@ class StreamBackend(Backend):
                                            sparsity=float(stage.sparsity), total_params=self.param_counts()[1],
                                            floor=self.options.floor, round_to=self.options.round_to,
                                            block_importance={i: 1.0 for i in range(self.arch.n_layers)})
-        consumers = {i: {module_of(s.param): None for g in layer for s in consumer_slices(g)}
-                     for i, layer in enumerate(self.per_layer)}
-        rewrite_config(self.arch, chosen, self.per_layer, dry.removed, consumers, stage.compensate)
+        rewrite_config(self.arch, chosen, self.per_layer, dry.removed, stage.compensate)
         return chosen
 
     def score(self, stage: Stage, chosen: list) -> Scores:
@@ -235,14 +260,14 @@ class StreamBackend(Backend):
             self.checkpoint, self.arch, calib, needs, options.nsamples, options.seqlen, options.seed, stage.criterion)
         recorded = {"criterion": stage.criterion, "criterion_options": dict(options.criterion_options),
                     "sparsity": float(stage.sparsity), "allocation": stage.allocation, "target": stage.target,
-                    "compensate": stage.compensate, "round_to": options.round_to, "floor": options.floor,
-                    "calib": str(calib), "nsamples": options.nsamples, "seqlen": options.seqlen, "seed": options.seed,
+                    "compensate": stage.compensate, "sequential": stage.sequential, "damp": options.damp,
+                    "round_to": options.round_to, "floor": options.floor, "calib": str(calib),
+                    "nsamples": options.nsamples, "seqlen": options.seqlen, "seed": options.seed,
                     "batch_size": options.batch_size, "device": self.device.type, "dtype": options.dtype or "fp32"}
-        self.recorded = recorded
-        from ...pipeline.report import version  # noqa: PLC0415 - the version module only
+        from ... import __version__  # noqa: PLC0415 - the package's version, not the driver
 
         fingerprint = hashlib.sha256(json.dumps(
-            [self.checkpoint.fingerprint(), recorded, version(),
+            [self.checkpoint.fingerprint(), recorded, __version__,
              None if windows is None else hashlib.sha256(windows.numpy().tobytes()).hexdigest()],
             sort_keys=True).encode()).hexdigest()[:32]
         self.work = WorkDir(self.out, fingerprint, recorded, resume=options.resume, force=options.force)
@@ -250,6 +275,14 @@ class StreamBackend(Backend):
         self.job = Job(self.arch, self.checkpoint, self.work, self.per_layer, stage.scorer, needs, stage.allocation,
                        self.device, self.compute_dtype, options.batch_size, options.progress)
         self.resumed = {"scored": self.work.scored_layers(self.arch.n_layers)}
+        if stage.layerwise:
+            # least squares, --sequential and block-scored criteria run on the layers one at a time
+            self.blocks = StreamBlocks(self.arch, self.checkpoint, windows, batch_size=options.batch_size,
+                                       device=self.device, dtype=self.compute_dtype, work=self.work,
+                                       progress=options.progress)
+        if stage.scorer.form is Form.BLOCKS:
+            return score_blocks(stage.scorer, self.blocks, chosen, self.blocks.params, floor=options.floor,
+                                comparable=stage.allocation == "global")
         self.job.statistics(windows)
         raw, comparable, self.stats, self.angles = self.job.collected()
         return Scores(raw, comparable, None)
@@ -261,16 +294,46 @@ class StreamBackend(Backend):
         return self.calib_note
 
     def apply(self, stage: Stage, chosen: list, removed: dict[str, np.ndarray], scores) -> StageResult:
-        self.config_result, self.new_biases = rewrite_config(self.arch, chosen, self.per_layer, removed, self.stats,
+        self.config_result, self.new_biases = rewrite_config(self.arch, chosen, self.per_layer, removed,
                                                              stage.compensate)
-        self.resumed["written"] = self.job.cut(removed, self.stats, stage.compensate, self.config_result.config)
         report: dict[str, Any] = {"layerwise": None}
-        if stage.compensate == "bias":
-            report["compensated_layers"] = len({module_of(s.param) for g in chosen if len(removed.get(g.id, ()))
+        provider = None
+        if stage.layerwise:
+            from ...passes.layerwise import LayerwiseCompensation, LayerwiseResult
+
+            result = LayerwiseResult(removed=dict(removed))
+            sweep = LayerwiseCompensation("lsq" if stage.compensate == "lsq" else "bias", sequential=stage.sequential,
+                                          damp=self.options.damp, criterion=stage.scorer).blocks(
+                self.blocks, chosen, result, self.blocks.params)
+            done = {"last": -1}
+
+            def provider(index: int):
+                """Layer `index`'s compensated consumers (the sweep runs as far as that layer) and units."""
+                while done["last"] < index:
+                    done["last"] = next(sweep, len(self.per_layer))
+                mine = {m: result.weights.pop(m) for m in list(result.weights)
+                        if m.startswith(f"{self.arch.prefix}.{index}.")}
+                return mine, result.removed
+
+            self.layerwise_result = result
+        self.resumed["written"] = self.job.cut(removed, self.stats, stage.compensate, self.config_result.config,
+                                               compensated=provider)
+        final_removed = self.layerwise_result.removed if stage.layerwise else removed
+        if stage.layerwise:
+            errors = list(self.layerwise_result.relative_error.values())
+            report["layerwise"] = {
+                "method": stage.compensate, "sequential": stage.sequential, "damp": self.options.damp,
+                "layers": len(errors),
+                "mean_relative_error_uncompensated": float(np.mean([e["uncompensated"] for e in errors]))
+                if errors else 0.0,
+                "mean_relative_error_compensated": float(np.mean([e["compensated"] for e in errors]))
+                if errors else 0.0}
+        if stage.compensate != "none":
+            report["compensated_layers"] = len({module_of(s.param) for g in chosen if len(final_removed.get(g.id, ()))
                                                 for s in consumer_slices(g)})
         report["uniform_layers"] = self.config_result.uniform
         report["config_bias_flags"] = self.config_result.bias_keys
-        return StageResult(removed, report)
+        return StageResult(final_removed, report)
 
     def run_report(self) -> dict:
         peak_cuda = (round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
@@ -285,8 +348,12 @@ class StreamBackend(Backend):
                               "batch_size": self.options.batch_size}}
 
     def finish(self, report: dict, out) -> None:
-        self.job.finish_files(self.config_result.config, self.tokenizer, report, total_params=report["params"]["after"])
-        self.work.finish(force=self.options.force)
+        from ...io.atomic import environment_errors
+
+        with environment_errors(self.work.root):
+            self.job.finish_files(self.config_result.config, self.tokenizer, report,
+                                  total_params=report["params"]["after"])
+            self.work.finish(force=self.options.force)
         return None
 
     def close(self) -> None:
