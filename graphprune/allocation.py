@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
+from .plugins import load_entry_points
 
 import numpy as np
 
@@ -41,18 +41,19 @@ def register(name: str, *, needs: Need = Need.NONE, summary: str = ""):
     return add
 
 
+def _add_plugin(name: str, loaded: Allocator | Callable) -> None:
+    """A plugin gives an `Allocator`, or a function with the built-ins' signature (registered as the
+    decorator registers them)."""
+    if isinstance(loaded, Allocator):
+        _REGISTRY[name] = loaded
+    elif callable(loaded):
+        register(name)(loaded)
+    else:
+        raise TypeError(f"expected an Allocator or a function, got {type(loaded).__name__}")
+
+
 def _load_entry_points() -> None:
-    try:
-        entries = metadata.entry_points(group="graphprune.allocations")
-    except Exception:  # noqa: BLE001 - a broken environment must not hide the built-ins
-        return
-    for entry in entries:
-        if entry.name not in _REGISTRY:
-            try:
-                allocator = entry.load()
-            except Exception as exc:  # noqa: BLE001
-                raise UserError(f"allocation plugin '{entry.name}' ({entry.value}) failed to load: {exc}") from exc
-            _REGISTRY[entry.name] = allocator
+    load_entry_points("graphprune.allocations", "allocation", _REGISTRY, _add_plugin)
 
 
 def available() -> list[str]:

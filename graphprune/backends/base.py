@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from importlib import metadata
+from ..plugins import load_entry_points
 from typing import Any, ClassVar
 
 import numpy as np
@@ -244,16 +244,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 def _load() -> None:
     from . import memory, onnx, stream  # noqa: F401 - registration by import (first accepting wins: onnx, stream, memory)
 
-    try:
-        entries = metadata.entry_points(group="graphprune.backends")
-    except Exception:  # noqa: BLE001 - a broken environment must not hide the built-ins
-        return
-    for entry in entries:
-        if entry.name not in _REGISTRY:
-            try:
-                register(entry.load())
-            except Exception as exc:  # noqa: BLE001
-                raise UserError(f"backend plugin '{entry.name}' ({entry.value}) failed to load: {exc}") from exc
+    load_entry_points("graphprune.backends", "backend", _REGISTRY, lambda _, loaded: register(loaded))
 
 
 def available() -> list[str]:

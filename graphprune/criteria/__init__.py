@@ -8,7 +8,7 @@ criteria are discovered through the ``graphprune.criteria`` entry-point group: a
 from __future__ import annotations
 
 import difflib
-from importlib import metadata
+from ..plugins import load_entry_points
 
 from ..errors import UserError
 from .base import Criterion, ScoringContext
@@ -40,18 +40,7 @@ def _load_builtin() -> None:
 
 
 def _load_entry_points() -> None:
-    try:
-        eps = metadata.entry_points(group="graphprune.criteria")
-    except Exception:  # noqa: BLE001 - a broken environment must not hide the built-ins
-        return
-    for ep in eps:
-        if ep.name in _REGISTRY:
-            continue
-        try:
-            cls = ep.load()
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"criterion plugin '{ep.name}' ({ep.value}) failed to load: {exc}") from exc
-        _REGISTRY[ep.name] = cls
+    load_entry_points("graphprune.criteria", "criterion", _REGISTRY, _REGISTRY.__setitem__)
 
 
 def available() -> list[str]:

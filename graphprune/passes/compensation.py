@@ -9,7 +9,7 @@ that carry them out are `passes.bias.BiasCompensation` (FLAP's mean, on the whol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import metadata
+from ..plugins import load_entry_points
 
 from ..criteria.base import Need
 from ..errors import UserError
@@ -47,16 +47,7 @@ register(Compensation("lsq", Need.GRAMS, True,
 
 
 def _load_entry_points() -> None:
-    try:
-        entries = metadata.entry_points(group="graphprune.compensations")
-    except Exception:  # noqa: BLE001 - a broken environment must not hide the built-ins
-        return
-    for entry in entries:
-        if entry.name not in _REGISTRY:
-            try:
-                register(entry.load())
-            except Exception as exc:  # noqa: BLE001
-                raise UserError(f"compensation plugin '{entry.name}' ({entry.value}) failed to load: {exc}") from exc
+    load_entry_points("graphprune.compensations", "compensation", _REGISTRY, lambda _, loaded: register(loaded))
 
 
 def available() -> list[str]:
