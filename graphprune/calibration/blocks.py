@@ -188,17 +188,21 @@ class BlockRunner:
         out.update(dict(self.model.named_buffers()))
         return out
 
-    def head_gradient(self, batch: int, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def head_gradient(self, batch: int, hidden: torch.Tensor, losses: list[float] | None = None
+                      ) -> tuple[torch.Tensor, int]:
         """∂(Σ token LM loss)/∂(last block's output) for batch `batch`, and the tokens it predicts: the
         model's own forward runs with every block replaced by a stand-in returning `hidden` (so the
-        final norm, the LM head and the loss are the model's)."""
+        final norm, the LM head and the loss are the model's). `losses` gets the batch's mean loss."""
         ids = self.batches_by_batch[batch]
-        return head_gradient(self.model, self.blocks, ids, hidden, self._call_kwargs)
+        return head_gradient(self.model, self.blocks, ids, hidden, self._call_kwargs, losses=losses)
 
     def backward_block(self, index: int, inputs: list[torch.Tensor], grads: list[torch.Tensor],
-                       modules: list[str], sums: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+                       modules: list[str], sums: dict[str, torch.Tensor], *, grad_params: tuple[str, ...] = (),
+                       after_batch=None) -> list[torch.Tensor]:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
         return backward_block_batches(self.blocks[index], self.modules, inputs, grads,
-                                      lambda b: self.call(index, b), modules, sums)
+                                      lambda b: self.call(index, b), modules, sums,
+                                      grad_params={n: params[n] for n in grad_params}, after_batch=after_batch)
 
     def output_fisher(self, modules: list[str], *, batches: int | None = None) -> dict[str, torch.Tensor]:
         return output_fisher_by_blocks(self, modules, batches=batches)
@@ -287,10 +291,11 @@ class _StandIn(torch.nn.Module):
 
 
 def head_gradient(model: torch.nn.Module, blocks: torch.nn.ModuleList, input_ids: torch.Tensor,
-                  hidden: torch.Tensor, call_kwargs: dict) -> tuple[torch.Tensor, int]:
+                  hidden: torch.Tensor, call_kwargs: dict, *, losses: list[float] | None = None
+                  ) -> tuple[torch.Tensor, int]:
     """∂(Σ token LM loss)/∂hidden where `hidden` is the last block's output for `input_ids`, and the
     number of predicted tokens. The summed - not mean - loss, so batches of any size weigh each
-    token the same."""
+    token the same. `losses`, when given, gets the batch's mean loss appended."""
     last = hidden.detach().requires_grad_(True)
     originals = list(blocks)
     for i, block in enumerate(originals):
@@ -300,6 +305,8 @@ def head_gradient(model: torch.nn.Module, blocks: torch.nn.ModuleList, input_ids
             out = model(input_ids=input_ids, labels=input_ids, **call_kwargs)
             predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
             (out.loss * predicted).backward()
+            if losses is not None:
+                losses.append(float(out.loss.detach()))
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
@@ -308,9 +315,15 @@ def head_gradient(model: torch.nn.Module, blocks: torch.nn.ModuleList, input_ids
 
 def backward_block_batches(block: torch.nn.Module, modules: dict[str, torch.nn.Module], inputs: list[torch.Tensor],
                            grads: list[torch.Tensor], call_of, fisher_modules: list[str],
-                           sums: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+                           sums: dict[str, torch.Tensor], *, grad_params: dict[str, torch.nn.Parameter] | None = None,
+                           after_batch=None) -> list[torch.Tensor]:
     """Backpropagate `grads` (∂loss/∂block output, per batch) through `block` recomputed from its
-    `inputs`; adds (∂loss/∂y)² of each output y of `fisher_modules` to `sums`; returns ∂loss/∂input."""
+    `inputs`; adds (∂loss/∂y)² of each output y of `fisher_modules` to `sums`; returns ∂loss/∂input.
+    `grad_params` (name -> parameter of this block) get gradients: after each batch's backward
+    `after_batch(b, grad_params)` reads them, and they are cleared before the next batch."""
+    grad_params = grad_params or {}
+    for p in grad_params.values():
+        p.requires_grad_(True)
     handles = []
     for name in fisher_modules:
         def keep(module, args, out, name=name):
@@ -329,9 +342,15 @@ def backward_block_batches(block: torch.nn.Module, modules: dict[str, torch.nn.M
                     out = out[0]
                 torch.autograd.backward(out, g)
                 upstream.append(x.grad.detach())
+                if after_batch is not None:
+                    after_batch(b, grad_params)
+                for p in grad_params.values():
+                    p.grad = None
     finally:
         for h in handles:
             h.remove()
+        for p in grad_params.values():
+            p.requires_grad_(False)
     return upstream
 
 

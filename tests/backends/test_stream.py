@@ -55,8 +55,14 @@ def files_of(directory: Path) -> dict[str, bytes]:
     ("tied", "obs", "uniform", None, {}),
     ("gqa", "flap", "global", None, {"compensate": "lsq"}),
     ("gqa", "wanda-sp", "uniform", None, {"compensate": "bias", "sequential": True}),
+    # gradient criteria: a layer-by-layer backward sweep (calibration.gradients.gradient_terms_by_blocks)
+    ("gqa", "fisher", "global", None, {"compensate": "none"}),
+    ("tied", "taylor", "uniform", None, {}),  # least squares by default
+    ("gqa", "gaprune", "global", None, {"compensate": "bias", "calib_general": "general"}),
 ])
 def test_streaming_equals_in_memory_compress(models, calib, tmp_path, model, criterion, allocation, target, extra):
+    if extra.get("calib_general") == "general":  # a second calibration text for the two-set criterion
+        extra = {**extra, "calib_general": str(write_sample_text(tmp_path / "general.txt", repeats=30))}
     options = dict(criterion=criterion, sparsity=0.3, allocation=allocation, target=target, calib=calib, **CALIB,
                    **extra)
     memory = compress(str(models[model]), progress=False, use_cache=False, **options)
@@ -141,13 +147,14 @@ def test_bf16_calibration_runs_and_records_its_precision(models, calib, tmp_path
 
 # ----------------------------------------------------------------------------- resume
 FLAP = {"criterion": "flap", "compensate": "bias"}  # the statistics sweep, then the cut sweep
+FISHER = {"criterion": "fisher", "compensate": "bias"}  # the gradient sweep first
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(models, calib, tmp_path_factory):
     """Reference outputs of uninterrupted runs: FLAP, and the default (layerwise) pipeline."""
     found = {}
-    for name, extra in (("flap", FLAP), ("default", {})):
+    for name, extra in (("flap", FLAP), ("default", {}), ("fisher", FISHER)):
         out = tmp_path_factory.mktemp("reference") / "out"
         compress_streaming(models["gqa"], out, sparsity=0.3, calib=calib, progress=False, **CALIB, **extra)
         found[name] = files_of(out)
@@ -155,17 +162,20 @@ def uninterrupted(models, calib, tmp_path_factory):
 
 
 @pytest.mark.parametrize("pipeline,crash", [("flap", "statistics:1"), ("flap", "statistics:2"), ("flap", "write:-1"),
-                                            ("flap", "write:1"), ("default", "write:1")])
+                                            ("flap", "write:1"), ("default", "write:1"), ("fisher", "statistics:1")])
 def test_resume_after_a_crash_gives_the_same_bytes(models, calib, tmp_path, monkeypatch, uninterrupted, pipeline,
                                                    crash):
     out = tmp_path / "out"
-    options = dict(sparsity=0.3, calib=calib, progress=False, **CALIB, **(FLAP if pipeline == "flap" else {}))
+    options = dict(sparsity=0.3, calib=calib, progress=False, **CALIB,
+                   **{"flap": FLAP, "fisher": FISHER, "default": {}}[pipeline])
     monkeypatch.setenv(CRASH_ENV, crash)
     with pytest.raises(RuntimeError, match="injected crash"):
         compress_streaming(models["gqa"], out, **options)
     monkeypatch.delenv(CRASH_ENV)
     partial = tmp_path / ".out.partial"
     assert partial.is_dir() and not out.exists()
+    if pipeline == "fisher":  # the gradient sweep's statistics are kept: the resumed run does not sweep again
+        assert any(p.name == "gradients.safetensors" for p in partial.rglob("*"))
     with pytest.raises(OutputError, match="--resume"):  # never silently restarted or reused
         compress_streaming(models["gqa"], out, **options)
     result = compress_streaming(models["gqa"], out, resume=True, **options)
@@ -177,7 +187,7 @@ def test_resume_after_a_crash_gives_the_same_bytes(models, calib, tmp_path, monk
         assert done["scored"] == int(layer) and done["written"] == {"layers": 0, "outside": False}
     else:
         assert done["written"] == {"layers": max(int(layer), 0), "outside": layer != "-1"}
-        assert done["scored"] == (3 if pipeline == "flap" else 0)  # the layerwise pipeline scores on blocks
+        assert done["scored"] == (0 if pipeline == "default" else 3)  # the layerwise pipeline scores on blocks
 
 
 def test_resume_refuses_a_partial_run_of_other_options(models, calib, tmp_path, monkeypatch, uninterrupted):
@@ -197,8 +207,6 @@ def test_resume_refuses_a_partial_run_of_other_options(models, calib, tmp_path, 
 
 # ----------------------------------------------------------------------------- refusals
 def test_refusals_in_the_api(models, calib, tmp_path):
-    with pytest.raises(StreamingUnsupported, match="gradients"):
-        compress_streaming(models["gqa"], tmp_path / "o", criterion="taylor", calib=calib)
     with pytest.raises(StreamingUnsupported, match="expert_routing"):
         compress_streaming(models["gqa"], tmp_path / "o", target="experts", calib=calib)
     with pytest.raises(StreamingUnsupported, match="hidden"):
@@ -235,13 +243,13 @@ def bad_inputs(models, tmp_path_factory):
             "mixture of experts": (save_tiny("mixtral", root / "moe"), "mixture-of-experts"),
             "encoder": (save_tiny("bert", root / "bert"), "not a decoder language model"),
             "gguf": (gguf, "not GGUF files"),
-            "gradient criterion": (models["gqa"], "needs gradients")}
+            "experts target": (models["gqa"], "needs expert_routing of the whole model")}
 
 
-@pytest.mark.parametrize("case", ["missing shard", "mixture of experts", "encoder", "gguf", "gradient criterion"])
+@pytest.mark.parametrize("case", ["missing shard", "mixture of experts", "encoder", "gguf", "experts target"])
 def test_cli_refuses_in_one_line_and_writes_nothing(bad_inputs, tmp_path, capsys, case):
     model, needle = bad_inputs[case]
-    extra = ["--criterion", "taylor"] if case == "gradient criterion" else []
+    extra = ["--target", "experts"] if case == "experts target" else []
     code, _, err = cli(capsys, "compress", model, "--stream", "--out", tmp_path / "out", "--quiet", *extra)
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]

@@ -31,7 +31,7 @@ from .architecture import Architecture, StreamingUnsupported
 from .blocks import StreamBlocks
 from .checkpoint import Checkpoint
 from .runner import keep_heap_small
-from .sweeps import STREAMABLE_NEEDS, Job, calibration_windows, rewrite_config
+from .sweeps import STREAMABLE_NEEDS, GroupIndex, Job, calibration_windows, rewrite_config
 from .workdir import WorkDir
 
 STREAMABLE_TARGETS = frozenset({"channels", "heads", "query-heads", "kv-groups"})
@@ -262,6 +262,7 @@ class StreamBackend(Backend):
                     "sparsity": float(stage.sparsity), "allocation": stage.allocation, "target": stage.target,
                     "compensate": stage.compensate, "sequential": stage.sequential, "damp": options.damp,
                     "round_to": options.round_to, "floor": options.floor, "calib": str(calib),
+                    "calib_general": None if options.calib_general is None else str(options.calib_general),
                     "nsamples": options.nsamples, "seqlen": options.seqlen, "seed": options.seed,
                     "batch_size": options.batch_size, "device": self.device.type, "dtype": options.dtype or "fp32"}
         from ... import __version__  # noqa: PLC0415 - the package's version, not the driver
@@ -283,9 +284,45 @@ class StreamBackend(Backend):
         if stage.scorer.form is Form.BLOCKS:
             return score_blocks(stage.scorer, self.blocks, chosen, self.blocks.params, floor=options.floor,
                                 comparable=stage.allocation == "global")
+        if Need.GRADIENTS in needs:
+            self.job.gradients = self._gradient_terms(chosen, windows)
+            self.job.groups = GroupIndex(chosen)
         self.job.statistics(windows)
         raw, comparable, self.stats, self.angles = self.job.collected()
         return Scores(raw, comparable, None)
+
+    def _gradient_terms(self, chosen: list, windows: torch.Tensor):
+        """The gradient criteria's statistics from a layer-by-layer backward sweep over the domain
+        windows (and the general ones, for two-set criteria), in batches of half the batch size as
+        in memory; kept in the work directory, so a resumed run does not sweep again."""
+        from ...calibration.gradients import gradient_terms_by_blocks, terms_from_tensors, terms_to_tensors
+        from ...calibration.text import load_calibration, needs_bos
+
+        options = self.options
+        general_note = None if options.calib_general is None else {
+            "source": str(options.calib_general), "nsamples": options.nsamples, "seqlen": options.seqlen,
+            "seed": options.seed, "loss": "lm"}
+        saved = self.work.load_gradients()
+        if saved is not None:
+            terms = terms_from_tensors(saved, chosen)
+        else:
+            size = max(1, options.batch_size // 2)
+            batches = list(windows.split(size))
+            sets = [len(batches)]
+            if general_note is not None:
+                general = load_calibration(options.calib_general, self.tokenizer, nsamples=options.nsamples,
+                                           seqlen=options.seqlen, seed=options.seed,
+                                           add_bos=needs_bos(self.arch.config))
+                batches += list(general.split(size))
+                sets.append(len(batches) - sets[0])
+            source = StreamBlocks(self.arch, self.checkpoint, batches, batch_size=size, device=self.device,
+                                  dtype=self.compute_dtype, work=self.work, progress=options.progress)
+            terms = gradient_terms_by_blocks(source, chosen, sets, progress=options.progress)
+            self.work.save_gradients(terms_to_tensors(terms))
+        self.calib_note = {**self.calib_note, "mean_loss": round(terms.mean_loss["domain"], 6)}
+        if general_note is not None:
+            self.calib_note["general"] = {**general_note, "mean_loss": round(terms.mean_loss["general"], 6)}
+        return terms
 
     def block_importance(self):
         return self.angles or None

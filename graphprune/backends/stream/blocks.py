@@ -60,15 +60,16 @@ class SpilledActivations:
 class StreamBlocks:
     """See the module docstring."""
 
-    def __init__(self, arch, checkpoint, windows: torch.Tensor, *, batch_size: int, device, dtype, work,
-                 progress: bool = False) -> None:
+    def __init__(self, arch, checkpoint, windows: torch.Tensor | list[torch.Tensor], *, batch_size: int, device,
+                 dtype, work, progress: bool = False) -> None:
+        """`windows` [n, seqlen] is cut into batches of `batch_size`; a list is taken as the batches."""
         self.arch, self.checkpoint, self.work = arch, checkpoint, work
         self.model = arch.skeleton
         self.blocks = arch.blocks
         self.prefix = arch.prefix
         self.device, self.dtype, self.progress = device, dtype, progress
         self.modules = dict(self.model.named_modules())
-        self.batches_by_batch = list(windows.split(batch_size))
+        self.batches_by_batch = list(windows) if isinstance(windows, (list, tuple)) else list(windows.split(batch_size))
         shell = Shell(self.model, self.prefix, self.blocks, self._read, device=device, dtype=dtype)
         self.inputs: list[torch.Tensor] = []
         self._calls: list = []
@@ -95,9 +96,13 @@ class StreamBlocks:
     def call(self, index: int, batch: int):
         return self._calls[batch][index]
 
-    def _loaded(self, index: int):
+    def _loaded(self, index: int, *, converted: bool = False):
+        """Block `index` with its weights: as stored (each module converted to the compute dtype only
+        while it runs), or with `converted` in the compute dtype throughout (parameters that take
+        gradients must be the tensors the block computes with)."""
         block = self.blocks[index]
-        weights = self.checkpoint.read(self.arch.layer_names(index), device=self.device)  # as stored
+        weights = self.checkpoint.read(self.arch.layer_names(index), device=self.device,
+                                       **({"dtype": self.dtype} if converted else {}))
         load_layer(self.model, block, self.block_name(index), weights, device=self.device, dtype=self.dtype)
         return block
 
@@ -115,22 +120,27 @@ class StreamBlocks:
             release(block)
             return_freed_memory()
 
-    def head_gradient(self, batch: int, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def head_gradient(self, batch: int, hidden: torch.Tensor, losses: list[float] | None = None
+                      ) -> tuple[torch.Tensor, int]:
         if self._head is None:
             self._head = Shell(self.model, self.prefix, self.blocks, self._read, device=self.device,
                                dtype=self.dtype, head=True)
         return head_gradient(self.model, self.blocks, self.batches_by_batch[batch].to(self.device),
-                             hidden.to(self.dtype), self.call_kwargs)
+                             hidden.to(self.dtype), self.call_kwargs, losses=losses)
 
     def backward_block(self, index: int, inputs: list[torch.Tensor], grads: list[torch.Tensor],
-                       modules: list[str], sums: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+                       modules: list[str], sums: dict[str, torch.Tensor], *, grad_params: tuple[str, ...] = (),
+                       after_batch=None) -> list[torch.Tensor]:
         if self._head is not None:  # the backward sweep no longer needs the head
             self._head.close()
             self._head = None
-        block = self._loaded(index)
+        block = self._loaded(index, converted=bool(grad_params))
         try:
+            prefix = self.block_name(index) + "."
+            params = {prefix + n: p for n, p in block.named_parameters(remove_duplicate=False)}
             return backward_block_batches(block, self.modules, inputs, grads, lambda b: self.call(index, b),
-                                          modules, sums)
+                                          modules, sums, grad_params={n: params[n] for n in grad_params},
+                                          after_batch=after_batch)
         finally:
             release(block)
             return_freed_memory()

@@ -47,7 +47,11 @@ from .runner import Shell, load_layer, release, return_freed_memory, run_layer
 from .workdir import WorkDir
 
 # What a criterion may read to be scored one layer at a time.
-STREAMABLE_NEEDS = Need.ACTIVATIONS | Need.BLOCK_ANGLES
+# Statistics the statistics sweep's forward collects, layer by layer.
+FORWARD_NEEDS = Need.ACTIVATIONS | Need.BLOCK_ANGLES
+# What streaming computes for a criterion: those, and gradients of the LM loss (one or two calibration
+# sets) from a layer-by-layer backward sweep (`calibration.gradients.gradient_terms_by_blocks`).
+STREAMABLE_NEEDS = FORWARD_NEEDS | Need.GRADIENTS | Need.GENERAL_GRADIENTS
 # A test hook: "statistics:3" or "write:1" raises before that stage of that layer (resume tests).
 CRASH_ENV = "GRAPHPRUNE_STREAM_CRASH_AT"
 PROBE_TOKENS = 8
@@ -76,6 +80,19 @@ def _tokenizer(checkpoint: Checkpoint, *, required: bool, criterion: str | None 
     return tokenizer
 
 
+class GroupIndex:
+    """Groups by id (what a criterion's `ctx.groups.by_id` reads)."""
+
+    def __init__(self, groups) -> None:
+        self._by_id = {g.id: g for g in groups}
+
+    def __iter__(self):
+        return iter(self._by_id.values())
+
+    def by_id(self, gid: str):
+        return self._by_id[gid]
+
+
 # ====================================================================== the two sweeps
 class Job:
     def __init__(self, arch: Architecture, checkpoint: Checkpoint, work: WorkDir, per_layer: list[list[Group]],
@@ -84,7 +101,9 @@ class Job:
         self.arch, self.checkpoint, self.work, self.per_layer = arch, checkpoint, work, per_layer
         self.scorer, self.needs, self.allocation = scorer, needs, allocation
         self.device, self.dtype, self.batch_size, self.progress = device, dtype, batch_size, progress
-        self.forward = bool(needs & STREAMABLE_NEEDS)
+        self.forward = bool(needs & FORWARD_NEEDS)
+        self.gradients = None  # GradientTerms of every chosen group, for the gradient criteria
+        self.groups = None  # the GroupSet (a criterion may normalise over every group of a kind)
         self.n = arch.n_layers
         self.shard_names = [f"model-{k + 1:05d}-of-{self.n + 1:05d}.safetensors" for k in range(self.n + 1)]
 
@@ -144,8 +163,11 @@ class Job:
             release(block)
         # The criteria read the stored values, one tensor at a time (a criterion converts a whole
         # weight to float64: with the rest of the layer in memory too, that would be the peak).
-        ctx = ScoringContext(self.arch.skeleton, None, _TensorsOnDemand(self.checkpoint, names),
+        ctx = ScoringContext(self.arch.skeleton, self.groups, _TensorsOnDemand(self.checkpoint, names),
                              Calibration(inputs=stats))
+        if self.gradients is not None:
+            ctx.unit_gradients, ctx.general_unit_gradients = self.gradients.domain, self.gradients.general
+            ctx.unit_alignment = self.gradients.alignment
         tensors: dict[str, torch.Tensor] = {}
         scores = score_units(self.scorer, groups, ctx, comparable=self.allocation == "global")
         for gid, raw in scores.raw.items():

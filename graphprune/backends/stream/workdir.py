@@ -156,6 +156,15 @@ class WorkDir:
         with contextlib.suppress(FileNotFoundError):
             self.inputs_path(layer).unlink()
 
+    def save_gradients(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The gradient criteria's statistics (`calibration.gradients.terms_to_tensors`)."""
+        with environment_errors(self.root):
+            save_safetensors(self.state / "gradients.safetensors", tensors, fsync=True)
+
+    def load_gradients(self) -> dict[str, torch.Tensor] | None:
+        path = self.state / "gradients.safetensors"
+        return _load(path)[0] if path.exists() else None
+
     # ------------------------------------------------------------------ activations of the layer-by-layer backward
     def activations_path(self, depth: int) -> Path:
         return self.state / f"activations-{depth:05d}.safetensors"
