@@ -17,3 +17,19 @@ warnings.filterwarnings("ignore", category=UserWarning, module="torch_pruning")
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Calibration caches go to a per-session temp dir; the GGUF conversion cache is shared."""
     monkeypatch.setenv("GRAPHPRUNE_CALIB_CACHE", str(tmp_path_factory.getbasetemp() / "calib-cache"))
+
+
+# The tiny model and calibration text most command-line tests share (one of each per test module;
+# a module that needs them as strings or with other sizes defines its own).
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from graphprune.testing.fixtures import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    from graphprune.testing.fixtures import write_sample_text
+
+    return write_sample_text(tmp_path_factory.mktemp("data") / "calib.txt")

@@ -31,7 +31,7 @@ from ..errors import PruningError, UserError
 from ..graph import GroupSet, analyze
 from ..guards import check_finite_weights
 from ..models.encoders import is_encoder, pooling_of
-from ..models.structure import check_windows_fit, layer_parameter_count
+from ..models.structure import check_windows_fit
 from ..passes.rewrite import rewrite_model
 from .base import Backend, Capabilities, Stage, StageResult, register
 
@@ -484,15 +484,8 @@ class MemoryBackend(Backend):
                                                criterion=stage.scorer).run(calibrated.runner, chosen, removed,
                                                                            all_params(self.model))
             removed, compensated = result.removed, result.weights
-            errors = list(result.relative_error.values())
-            report["layerwise"] = {
-                "method": stage.compensate, "sequential": stage.sequential, "damp": self.options.damp,
-                "layers": len(errors),
-                "mean_relative_error_uncompensated": float(np.mean([e["uncompensated"] for e in errors]))
-                if errors else 0.0,
-                "mean_relative_error_compensated": float(np.mean([e["compensated"] for e in errors]))
-                if errors else 0.0,
-            }
+            report["layerwise"] = result.report(method=stage.compensate, sequential=stage.sequential,
+                                                damp=self.options.damp)
             calibrated.runner = None
         elif stage.kind == "units":
             report["layerwise"] = None

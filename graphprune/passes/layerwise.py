@@ -34,6 +34,17 @@ class LayerwiseResult:
     removed: dict[str, np.ndarray] = field(default_factory=dict)  # possibly re-chosen units per group
     relative_error: dict[str, dict[str, float]] = field(default_factory=dict)  # module -> {uncompensated, compensated}
 
+    def report(self, *, method: str, sequential: bool, damp: float) -> dict:
+        """The run report's `layerwise` section (every backend writes the same one)."""
+        errors = list(self.relative_error.values())
+
+        def mean(key: str) -> float:
+            return float(np.mean([e[key] for e in errors])) if errors else 0.0
+
+        return {"method": method, "sequential": sequential, "damp": damp, "layers": len(errors),
+                "mean_relative_error_uncompensated": mean("uncompensated"),
+                "mean_relative_error_compensated": mean("compensated")}
+
 
 def consumers_by_block(runner: BlockRunner, groups: list[Group]) -> dict[int, list[tuple[str, list[tuple[Group, ParamSlice]]]]]:
     """{block: [(consumer module, [(group, its slice on that module)]), ...] in module order}."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from graphprune.testing.fixtures import save_tiny_llama, write_sample_text
 
 
 def run(*args, timeout=300):
@@ -29,16 +28,6 @@ def digest(directory: Path) -> str:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_sample_text(tmp_path_factory.mktemp("data") / "calib.txt")
 
 
 def assert_user_error(result, *needles):

@@ -14,19 +14,8 @@ import pytest
 
 from graphprune.cli import main as cli
 from graphprune.progress import Timings, _Spinner, configure_logging, level_for, stage
-from graphprune.testing.fixtures import save_tiny_llama, write_sample_text
 
 STAGES = ("load", "trace", "calibrate", "score", "allocate", "rewrite", "write")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_sample_text(tmp_path_factory.mktemp("data") / "calib.txt")
 
 
 @pytest.fixture(autouse=True)

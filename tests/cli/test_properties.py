@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 
-import pytest
 import torch
 from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
@@ -24,7 +23,7 @@ from graphprune.criteria import available
 from graphprune.models import LoadedModel, load_model
 from graphprune.passes.validate import check_runs
 from graphprune.testing import faults
-from graphprune.testing.fixtures import byte_level_tokenizer, write_sample_text
+from graphprune.testing.fixtures import byte_level_tokenizer
 from graphprune.testing.zoo import TINY_FAMILIES, build_tiny
 
 # The dense families compress supports end to end (MoE experts are pruned by their own path).
@@ -77,11 +76,6 @@ def _argv(arguments: dict) -> list[str]:
     for key, value in arguments.items():
         argv += [key] if value is True else [key, value] if value is not None else []
     return argv
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_sample_text(tmp_path_factory.mktemp("data") / "calib.txt")
 
 
 def _found(family: str, overrides: dict, **arguments):

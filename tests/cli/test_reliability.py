@@ -33,7 +33,7 @@ from graphprune.cli import main as cli
 from graphprune.errors import OutputError
 from graphprune.testing import faults
 from graphprune.io.hf import save_pruned
-from graphprune.testing.fixtures import save_tiny_llama, tiny_llama, write_sample_text
+from graphprune.testing.fixtures import save_tiny_llama, tiny_llama
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -98,16 +98,6 @@ def assert_no_output(out: Path) -> None:
     """Neither the output nor a temporary sibling of it exists."""
     assert not out.exists()
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    return write_sample_text(tmp_path_factory.mktemp("data") / "calib.txt")
 
 
 @pytest.fixture

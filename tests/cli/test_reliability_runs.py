@@ -9,12 +9,11 @@ import resource
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from graphprune.backends.stream.workdir import WorkDir
-from graphprune.testing.fixtures import save_tiny_llama, write_sample_text, write_tiny_gguf
+from graphprune.testing.fixtures import save_tiny_llama, write_tiny_gguf
 
 from test_reliability import ENV, Run, assert_no_output, assert_refused  # shared helpers (same folder)
 
@@ -33,16 +32,6 @@ def graphprune(capsys):
         return Run(code, captured.out, captured.err)
 
     return run
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    return write_sample_text(tmp_path_factory.mktemp("data") / "calib.txt")
 
 
 def compress(model, out, *extra):

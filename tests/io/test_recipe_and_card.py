@@ -8,19 +8,8 @@ import pytest
 import yaml
 
 from graphprune.cli import main as cli
-from graphprune.testing.fixtures import save_tiny_llama, write_sample_text
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_sample_text(tmp_path_factory.mktemp("data") / "calib.txt")
 
 
 def run(capsys, *argv):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from ...criteria.base import ExpertCriterion, Form, Need, consumer_slices, modul
 from ...criteria.scoring import Scores, score_blocks
 from ...devices import resolve_device, resolve_dtype
 from ...errors import ModelLoadError, UserError
-from ...models.structure import layer_parameter_count
 from ..base import Backend, Capabilities, Stage, StageResult, register
 from .architecture import Architecture, StreamingUnsupported
 from .blocks import StreamBlocks
@@ -357,14 +355,8 @@ class StreamBackend(Backend):
                                                compensated=provider)
         final_removed = self.layerwise_result.removed if stage.layerwise else removed
         if stage.layerwise:
-            errors = list(self.layerwise_result.relative_error.values())
-            report["layerwise"] = {
-                "method": stage.compensate, "sequential": stage.sequential, "damp": self.options.damp,
-                "layers": len(errors),
-                "mean_relative_error_uncompensated": float(np.mean([e["uncompensated"] for e in errors]))
-                if errors else 0.0,
-                "mean_relative_error_compensated": float(np.mean([e["compensated"] for e in errors]))
-                if errors else 0.0}
+            report["layerwise"] = self.layerwise_result.report(method=stage.compensate, sequential=stage.sequential,
+                                                               damp=self.options.damp)
         if stage.compensate != "none":
             report["compensated_layers"] = len({module_of(s.param) for g in chosen if len(final_removed.get(g.id, ()))
                                                 for s in consumer_slices(g)})
