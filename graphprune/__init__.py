@@ -10,7 +10,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "compress_streaming", "inspect", "load_model", "load_pruned", "save_pruned", "__version__"]
+__all__ = ["compress", "compress_streaming", "inspect", "load_model", "load_module", "load_pruned", "save_pruned",
+           "__version__"]
 
 
 def inspect(model, example_inputs=None, *, seq_len: int = 8):
@@ -26,7 +27,7 @@ def __getattr__(name):  # heavy modules (torch, transformers) load on first use
         from .pipeline.run import compress
 
         return compress
-    if name in ("load_pruned", "save_pruned"):
+    if name in ("load_pruned", "save_pruned", "load_module"):
         from .io import hf as export
 
         return getattr(export, name)

@@ -12,6 +12,7 @@ the pruned shape, which `Validate` runs on a few tokens.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect as pyinspect
 from dataclasses import dataclass, field
@@ -110,6 +111,17 @@ class MemoryBackend(Backend):
                                                            trust_remote_code=options.trust_remote_code)
         if model is None:
             raise UserError("compress needs a PyTorch model here")
+        # A plain nn.Module (no Hugging Face config): traced and validated on the caller's example
+        # inputs, rewritten in place of a rebuild from a config (passes/modules.py)
+        self.plain = self.loaded is None and getattr(model, "config", None) is None
+        self.example_inputs = options.example_inputs
+        if self.plain:
+            if self.example_inputs is None:
+                raise UserError(f"{type(model).__name__} is a plain nn.Module (no Hugging Face config), so graphprune "
+                                f"cannot guess its inputs: pass example_inputs=(x,), the inputs it is traced and "
+                                f"checked on")
+            # calibration runs it in eval mode and the rewrite writes into it: never the caller's module
+            model = copy.deepcopy(model)
         check_finite_weights(model)
         model.eval()
         self.model = model
@@ -136,6 +148,12 @@ class MemoryBackend(Backend):
         (a compensation bias) counts with its module."""
         from ..graph.blocks import count_layer_parameters, layer_parameters, module_sizes
 
+        if self.plain:
+            # a CNN's residual adds do not make a stack of blocks with an embedding and a head outside it
+            # (a ResNet's stages change width): every parameter of a plain module counts
+            total = unique_param_count(self.model)
+            return total, total
+
         if getattr(self, "_layer_names", None) is None:
             self._layer_names = layer_parameters(self.groups())
             self._known_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
@@ -158,12 +176,14 @@ class MemoryBackend(Backend):
 
     def groups(self) -> GroupSet:
         if self._groups is None:
-            self._groups = analyze(self.model)
+            self._groups = analyze(self.model, self.example_inputs)
         return self._groups
 
     def default_target(self, groups) -> tuple[str, str | None]:
         from ..passes.config import heads_expressible
 
+        if self.plain:
+            return "channels", None  # no config to state fewer heads in; attention modules are refused anyway
         if heads_expressible(self.model, groups):
             return "channels,heads", None
         return "channels", (f"{type(self.model.config).__name__} derives head_dim from hidden_size / heads, so "
@@ -171,6 +191,9 @@ class MemoryBackend(Backend):
 
     def _without_data(self) -> str | None:
         """Why this run has no calibration text to fit a compensation on, or None."""
+        if self.plain:
+            return (None if self._module_data() is not None
+                    else "a weight-only criterion on a plain nn.Module given no calib= inputs reads no data")
         if self.tokenizer is None:
             return "the model has no tokenizer to read calibration text with"
         if [str(c) for c in self.options.calib_sources] == ["none"]:
@@ -185,6 +208,12 @@ class MemoryBackend(Backend):
         nodata = self._without_data() if not scorer.needs else None
         if nodata:
             return "none", f"--compensate none: {nodata}"
+        if self.plain:
+            fallback = compensation.fallback_for(criterion)
+            return fallback, (f"--compensate {fallback}: least squares refits layers block by block through a Hugging "
+                              f"Face model's repeated layers, which a plain nn.Module does not have"
+                              + ("; bias compensation covers Linear and (ungrouped) Conv consumers"
+                                 if fallback == "bias" else ""))
         if any(is_expert_channel(g) for g in chosen):
             fallback = "none" if criterion != "flap" else compensation.fallback_for(criterion)
             return fallback, (f"--compensate {fallback}: least squares refits plain linear layers, not the stacked "
@@ -204,6 +233,8 @@ class MemoryBackend(Backend):
     def default_pipeline(self, chosen: list) -> tuple[str, str, bool]:
         from ..moe.channels import is_expert_channel
 
+        if self.plain:  # FLAP with its bias when the caller gave inputs to calibrate on, else weights only
+            return ("flap", "bias", False) if self._module_data() is not None else ("magnitude", "none", False)
         if self.encoder:
             # the loss-Fisher ranking needs an LM loss; on encoders FLAP's ranking is the measured one
             return "flap", "lsq", False
@@ -216,10 +247,67 @@ class MemoryBackend(Backend):
         # encoders keep one shape per layer, so plain AutoModel / SentenceTransformer load the output
         return "uniform" if self.encoder else "global"
 
+    # ------------------------------------------------------------------ plain modules
+    def _module_data(self):
+        """The calib= data a plain module can run on (model-input batches, or token rows of one length), or None."""
+        from ..calibration.data import CalibrationData
+
+        calib = self.options.calib_sources[0] if self.options.calib_sources else None
+        if isinstance(calib, CalibrationData) and (calib.is_model_inputs or calib.rows is not None):
+            return calib
+        return None
+
+    def _prepare_plain(self, stage: Stage, chosen: list) -> list:
+        from ..errors import CalibrationError
+
+        name = type(self.model).__name__
+        if self.options.export is not None:
+            raise UserError(f"--export onnx writes a text model's ONNX interface (input_ids, logits); the plain "
+                            f"nn.Module {name} is saved as model.safetensors and model.pt2 (torch.export)")
+        if stage.layerwise:
+            raise PruningError(f"{'criterion ' + repr(stage.criterion) if stage.scorer.form is Form.BLOCKS else '--compensate lsq / --sequential'} "
+                               f"works block by block through a Hugging Face model's repeated layers; {name} is a "
+                               f"plain nn.Module: use --compensate bias or none and a criterion such as magnitude, "
+                               f"wanda-sp or flap")
+        if Need.GRADIENTS in stage.needs or Need.BLOCK_ANGLES in stage.needs or Need.EXPERT_ROUTING in stage.needs:
+            raise PruningError(f"criterion '{stage.criterion}' (allocation {stage.allocation}) needs "
+                               f"{'a language-model loss' if Need.GRADIENTS in stage.needs else 'repeated decoder blocks'}"
+                               f", which the plain nn.Module {name} does not have; use magnitude, spectral, wanda-sp or "
+                               f"flap")
+        if stage.needs and self._module_data() is None:
+            what = f"criterion '{stage.criterion}'" if stage.scorer.needs else f"--compensate {stage.compensate}"
+            raise CalibrationError(f"{what} needs calibration inputs for the plain nn.Module {name}: pass calib= a "
+                                   f"tensor (a batch of inputs), a list of tensors or a DataLoader yielding tensors or "
+                                   f"(tensor, label) tuples (calib='none' only suits weight criteria such as magnitude)")
+        return chosen
+
+    def _calibrate_plain(self, stage: Stage, chosen: list) -> _Calibrated:
+        from ..calibration.stats import collect_module_inputs
+
+        out = _Calibrated()
+        if not stage.needs:
+            return out
+        data = self._module_data()
+        batches = data.model_inputs(self.example_inputs)
+        convs = {n for n, m in self.model.named_modules()
+                 if isinstance(m, torch.nn.modules.conv._ConvNd) and m.groups == 1 and not m.transposed}
+        # channel statistics of Linear and plain Conv inputs (a grouped conv's weight holds in-group channels only)
+        modules = sorted({module_of(s.param) for g in chosen for s in consumer_slices(g, conv=True)
+                          if s.expert is None and (s.role != "conv.in" or module_of(s.param) in convs)})
+        out.statistics = collect_module_inputs(self.model, batches, input_modules=modules,
+                                               progress=self.options.progress)
+        out.note = {"source": str(data), "batches": len(batches), "samples": out.statistics.tokens,
+                    "sha256": data.sha256}
+        out.cache_state = "off"  # the cache is keyed on tokenizers and token windows
+        return out
+
     # ------------------------------------------------------------------ checks
     def prepare(self, stage: Stage, chosen: list) -> list:
         if stage.kind == "experts":
             return chosen
+        if self.plain:
+            stage.scorer.check_model(self.model)
+            return self._prepare_plain(stage, chosen)
         scorer = stage.scorer
         scorer.check_model(self.model)
         if self.encoder and stage.compensate != "none" and Need.GRADIENTS in scorer.needs:
@@ -276,6 +364,8 @@ class MemoryBackend(Backend):
         out = _Calibrated()
         if not needs:
             return out
+        if self.plain:
+            return self._calibrate_plain(stage, chosen)
         self._check_activation_memory(stage)
         if self.tokenizer is None:
             raise UserError(f"criterion '{stage.criterion}' needs calibration text but the model has no tokenizer")
@@ -490,6 +580,18 @@ class MemoryBackend(Backend):
         elif stage.kind == "units":
             report["layerwise"] = None
         self._to_cpu()
+        if self.plain:
+            from ..passes.modules import output_shapes, rewrite_module
+
+            expected = output_shapes(self.model, self.example_inputs)
+            statistics = calibrated.statistics if calibrated is not None and stage.compensate == "bias" else None
+            new_model, extra = rewrite_module(self.model, self.groups(), chosen, removed,
+                                              example_inputs=self.example_inputs, expected=expected,
+                                              statistics=statistics, before_adopt=self.extra_passes())
+            report.update(extra)
+            self.model = new_model
+            self._groups = None
+            return StageResult(removed, report)
         new_model, extra = rewrite_model(
             self.model, self.groups(), chosen, removed,
             statistics=calibrated.statistics if calibrated is not None and stage.compensate == "bias" else None,
@@ -511,7 +613,12 @@ class MemoryBackend(Backend):
         dtype = self.output_dtype()
         if dtype is not None and dtype != next(self.model.parameters()).dtype:
             self.model = self.model.to(dtype)
-        if out is not None:
+        if out is not None and self.plain:
+            from ..io.hf import save_module
+
+            save_module(self.model, out, example_inputs=self.example_inputs, report=report, force=self.options.force)
+            self.exported = []
+        elif out is not None:
             from ..io.hf import save_pruned
 
             exported = []

@@ -16,6 +16,10 @@ spec (`calibration.text.load_calibration`, `calibration.sets.calibration_set`):
   tuples, dicts with `input_ids` and optionally `attention_mask`, or lists of strings): the rows of
   the batches (padding removed); rows of one length are the windows, rows of different lengths are
   joined into one token stream cut like a text;
+- model inputs of a plain `nn.Module` (no tokenizer: images, features): a floating-point tensor (one
+  batch), a list of such tensors (one batch each), or a DataLoader / iterable yielding tensors or
+  `(inputs..., label)` tuples; each batch keeps every tensor it yields, and the module reads as many
+  leading ones as it takes positional inputs (`model_inputs`), so a label is never fed to it;
 - a callable `forward_loop(model)` that runs the model over the user's data (the convention of
   quantization toolkits): it is called once on the in-memory model and the `input_ids` every forward
   receives are recorded and used as above (the loop itself runs the model once more than a spec
@@ -45,10 +49,12 @@ class CalibrationData:
     """Calibration data from Python: texts, or token rows, or a forward loop not yet run."""
 
     def __init__(self, kind: str, *, texts: list[str] | None = None, rows: list[torch.Tensor] | None = None,
-                 forward_loop: Callable | None = None, description: str = "") -> None:
+                 forward_loop: Callable | None = None, description: str = "",
+                 batches: list[tuple[torch.Tensor, ...]] | None = None) -> None:
         self.kind = kind
         self.texts = texts
         self.rows = rows
+        self.batches = batches  # model inputs of a plain nn.Module, batch by batch
         self.forward_loop = forward_loop
         self.description = description
 
@@ -56,6 +62,35 @@ class CalibrationData:
     @property
     def is_text(self) -> bool:
         return self.texts is not None
+
+    @property
+    def is_model_inputs(self) -> bool:
+        """Batches a plain nn.Module runs on (rather than text or token ids for a language model)."""
+        return self.batches is not None
+
+    def model_inputs(self, example: tuple | dict) -> list[tuple[torch.Tensor, ...]]:
+        """The batches as positional inputs of a module traced with `example` (`example_inputs`): the
+        first len(example) tensors of each batch (a `(images, labels)` batch gives the images), a
+        lone sample (one axis fewer than the example's) made a batch of one. Token rows of one length
+        (a LongTensor given as calib=) are one batch."""
+        if isinstance(example, dict):
+            raise CalibrationError("calib= batches are fed as positional inputs; a module traced with keyword "
+                                   "example_inputs needs a forward loop calib=fn(model) instead")
+        if self.batches is None:
+            if self.rows is None or len({int(r.numel()) for r in self.rows}) != 1:
+                raise CalibrationError(f"calibration data {self} is text or token rows of several lengths; a plain "
+                                       f"nn.Module calibrates on its inputs: pass calib= a tensor (a batch of "
+                                       f"inputs), a list of tensors or a DataLoader")
+            return [(torch.stack(self.rows),)]
+        n = len(example)
+        out = []
+        for index, batch in enumerate(self.batches):
+            if len(batch) < n:
+                raise CalibrationError(f"calibration batch {index} holds {len(batch)} tensor(s); the module takes "
+                                       f"{n} positional input(s)")
+            out.append(tuple(t.unsqueeze(0) if t.dim() == example[k].dim() - 1 else t
+                             for k, t in enumerate(batch[:n])))
+        return out
 
     def text(self) -> str:
         if self.texts is None:
@@ -73,6 +108,11 @@ class CalibrationData:
             for row in self.rows:
                 h.update(f"\0{row.numel()}:".encode())
                 h.update(row.to(torch.int64).numpy().tobytes())
+        elif self.batches is not None:
+            for batch in self.batches:
+                for t in batch:
+                    h.update(f"\0{str(t.dtype)}{list(t.shape)}:".encode())
+                    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         else:
             return None
         return h.hexdigest()
@@ -113,6 +153,9 @@ class CalibrationData:
         """The token windows calibration runs on (see the module docstring)."""
         from .text import windows_from_text
 
+        if self.batches is not None:
+            raise CalibrationError(f"calibration data {self} holds model inputs of a plain nn.Module (floating-point "
+                                   f"tensors), not token ids: a language model calibrates on texts or token ids")
         if self.texts is not None:
             return windows_from_text(self.text(), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                      add_bos=add_bos, framed=framed, label=str(self))
@@ -166,7 +209,9 @@ def as_calibration(value: Any, *, text_column: str | None = None) -> Any:
         name = getattr(value, "__qualname__", type(value).__name__)
         return CalibrationData("forward-loop", forward_loop=value, description=name)
     if _is_iterable(value):
-        texts, rows = _rows_of_batches(value, "the calibration batches")
+        texts, rows, inputs = _rows_of_batches(value, "the calibration batches", model_inputs=True)
+        if inputs is not None:
+            return CalibrationData("inputs", batches=inputs, description=f"{len(inputs)} batches")
         if texts is not None:
             return CalibrationData("loader", texts=texts, description=f"{len(texts)} texts from batches")
         return CalibrationData("loader", rows=rows, description=f"{len(rows)} rows from batches")
@@ -176,6 +221,10 @@ def as_calibration(value: Any, *, text_column: str | None = None) -> Any:
 
 
 def _from_tensor(value: torch.Tensor) -> CalibrationData:
+    if value.is_floating_point() and value.dim() >= 1 and value.numel():
+        # a batch of inputs of a plain nn.Module; a language model refuses it where it reads windows
+        return CalibrationData("inputs", batches=[(value.detach().cpu(),)],
+                               description=f"{'x'.join(map(str, value.shape))} {str(value.dtype).replace('torch.', '')}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise CalibrationError(f"calib= tensor must hold token ids (a LongTensor [N, T]), got dtype {value.dtype}")
     if value.dim() == 1:
@@ -229,12 +278,21 @@ def _dataset_texts(dataset: Any, text_column: str | None) -> list[str]:
     return texts
 
 
-def _rows_of_batches(batches: Iterable, what: str) -> tuple[list[str] | None, list[torch.Tensor] | None]:
-    """(texts, None) for batches of strings, else (None, token rows with padding removed)."""
+def _rows_of_batches(batches: Iterable, what: str, *, model_inputs: bool = False):
+    """(texts, None) for batches of strings, else (None, token rows with padding removed); with
+    `model_inputs`, a third item: the batches of floating-point tensors (inputs of a plain nn.Module,
+    every tensor of each batch kept, labels too: which ones the module reads is known only once the
+    model is open), or None."""
     texts: list[str] = []
     rows: list[torch.Tensor] = []
+    inputs: list[tuple[torch.Tensor, ...]] = []
     for batch in batches:
         mask = None
+        if model_inputs:
+            tensors = (batch,) if torch.is_tensor(batch) else tuple(batch) if isinstance(batch, (list, tuple)) else ()
+            if tensors and all(torch.is_tensor(t) for t in tensors) and tensors[0].is_floating_point():
+                inputs.append(tuple(t.detach().cpu() for t in tensors))
+                continue
         if isinstance(batch, Mapping):
             ids, mask = batch.get("input_ids"), batch.get("attention_mask")
         elif isinstance(batch, str):
@@ -261,10 +319,12 @@ def _rows_of_batches(batches: Iterable, what: str) -> tuple[list[str] | None, li
             row = row[mask[index]] if mask is not None else row
             if row.numel():
                 rows.append(row)
-    if texts and rows:
-        raise CalibrationError(f"{what} mix texts and token ids")
+    if sum(map(bool, (texts, rows, inputs))) > 1:
+        raise CalibrationError(f"{what} mix texts, token ids and floating-point inputs")
+    if inputs:
+        return None, None, inputs
     if texts:
-        return texts, None
+        return (texts, None, None) if model_inputs else (texts, None)
     if not rows:
         raise CalibrationError(f"{what} hold no tokens")
-    return None, rows
+    return (None, rows, None) if model_inputs else (None, rows)

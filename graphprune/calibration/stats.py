@@ -59,6 +59,8 @@ def input_stats_hook(stats: dict[str, InputStats], name: str):
 
     def hook(module, args, kwargs=None):
         x = args[0] if args else next(iter(kwargs.values()))
+        if isinstance(module, torch.nn.modules.conv._ConvNd):  # [N, C, *spatial]: per channel, every position
+            x = x.movedim(1, -1)
         # A float64 copy (never the input itself: the module still reads it), squared in place.
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64, copy=True)
         st = stats.get(name)
@@ -117,6 +119,35 @@ def collect(model: torch.nn.Module, batches: torch.Tensor, *, input_modules: lis
                 chunk = batches[start:start + batch_size].to(device)
                 body(input_ids=chunk, **kwargs)
                 result.tokens += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return result
+
+
+@in_stage("calibrate")
+def collect_module_inputs(model: torch.nn.Module, batches: list[tuple], *, input_modules: list[str] = (),
+                          progress: bool = True) -> Calibration:
+    """`collect` for a plain nn.Module: run it on each batch of positional inputs (no tokens, no LM head
+    to skip); `tokens` counts the samples."""
+    from ..errors import CalibrationError
+
+    result = Calibration()
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_pre_hook(input_stats_hook(result.inputs, name))
+               for name in dict.fromkeys(input_modules)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(tqdm(batches, desc="calibration", unit="batch", disable=not progress,
+                                               leave=False)):
+                try:
+                    model(*(t.to(device) for t in batch))
+                except Exception as error:  # noqa: BLE001 - the user's data does not fit the module
+                    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                    raise CalibrationError(f"calibration batch {index} (shapes {[list(t.shape) for t in batch]}) "
+                                           f"does not run through {type(model).__name__}: {first}") from error
+                result.tokens += int(batch[0].shape[0]) if batch[0].dim() else 1
     finally:
         for h in handles:
             h.remove()

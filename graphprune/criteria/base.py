@@ -85,14 +85,19 @@ def module_of(param: str) -> str:
     return param.rsplit(".", 1)[0]
 
 
-# The input features of a linear layer, and of one expert inside stacked expert weights.
-CONSUMER_ROLES = ("linear.in", "expert.in")
+# The input features of a linear layer, of one expert inside stacked expert weights, and the input
+# channels of a convolution (statistics only where a backend collected them: plain nn.Modules).
+CONSUMER_ROLES = ("linear.in", "expert.in", "conv.in")
 
 
-def consumer_slices(group: Group) -> list[ParamSlice]:
+def consumer_slices(group: Group, *, conv: bool = False) -> list[ParamSlice]:
     """Slices where the group's units are the *input* features of a linear layer (down_proj, o_proj),
-    or of one routed expert's down projection (a slice of the stacked `experts.down_proj`)."""
-    return [s for s in group.slices if s.role == "linear.in" or (s.role == "expert.in" and s.expert is not None)]
+    or of one routed expert's down projection (a slice of the stacked `experts.down_proj`); with
+    `conv`, also the input channels of convolutions (`[out, in, *kernel]` weights). Off by default:
+    only the in-memory backend collects channel statistics of convolution inputs, and only the
+    plain-module rewrite compensates them."""
+    return [s for s in group.slices if s.role == "linear.in" or (s.role == "expert.in" and s.expert is not None)
+            or (conv and s.role == "conv.in")]
 
 
 def stats_key(s: ParamSlice) -> str:
@@ -161,13 +166,15 @@ class Criterion:
         """
         total = np.zeros(group.units)
         count = 0
-        for s in consumer_slices(group):
+        for s in consumer_slices(group, conv=True):
             st = ctx.input_stats(s)
             if st is None:
                 continue
-            # [out, in]: a torch Linear weight as it is, an ONNX MatMul weight [in, out] transposed
+            # [out, in]: a torch Linear weight as it is, an ONNX MatMul weight [in, out] transposed; a
+            # convolution's [out, in, kh, kw] as [out·kh·kw, in] (every weight that reads channel j)
             part, axis = s.local(ctx.params[s.param].detach())
             w = part.movedim(axis, -1).to(torch.float64)
+            w = w.reshape(-1, w.shape[-1])
             idx = torch.as_tensor(s.indices, dtype=torch.long)  # [units, width]
             per_column = fn(st, w)  # [in]
             if column_transform is not None:

@@ -177,7 +177,7 @@ def card_text(report: dict[str, Any], recipe: dict[str, Any] | None = None, *, d
         lines.append("")
         if chart:
             lines += [f"![Units kept per layer]({chart})", ""]
-        if report.get("uniform_layers") is False:
+        if report.get("uniform_layers") is False and not report.get("module"):
             lines += ["Layers keep different sizes: the config carries `graphprune_layer_overrides`.", ""]
 
     rows = evaluation_rows(report)
@@ -202,6 +202,15 @@ def card_text(report: dict[str, Any], recipe: dict[str, Any] | None = None, *, d
     if onnx_file:
         lines += ["```python", "import onnxruntime", f'session = onnxruntime.InferenceSession("{where}")', "```", "",
                   "Inputs `input_ids`, `attention_mask`; prefill only (no KV cache)."]
+    elif report.get("module"):  # a plain nn.Module: no config, so its class (or the exported program) rebuilds it
+        module = report["module"]
+        name = str(module.get("class", "MyModule")).rsplit(".", 1)[-1]
+        lines += ["```python", "import graphprune, torch",
+                  f'model = graphprune.load_module({name}(...), "{where}")  # a fresh {name}, resized and loaded']
+        if "model.pt2" in module.get("files", []):
+            lines += [f'model = torch.export.load("{where}/model.pt2").module()  # or: without the class']
+        lines += ["```", "", f"`{module.get('class')}` built as for the dense model; `load_module` gives every "
+                  f"layer its pruned size and loads `model.safetensors`."]
     elif library == "sentence-transformers":
         lines += ["```python", "from sentence_transformers import SentenceTransformer",
                   f'model = SentenceTransformer("{where}")', "```"]

@@ -235,3 +235,89 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torc
         raise OutputError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}, wrong shape {mismatched[:3]})")
     return model.to(dtype).eval()
+
+
+# --- plain nn.Modules (no Hugging Face config) ----------------------------------------------------
+MODULE_WEIGHTS, MODULE_PROGRAM = "model.safetensors", "model.pt2"
+_SIZES_KEY = "graphprune_module_sizes"  # safetensors metadata: module name -> size attributes
+
+
+def save_module(model: torch.nn.Module, out: str | Path, *, example_inputs, report: dict | None = None,
+                force: bool = False) -> Path:
+    """A pruned plain nn.Module into `out`, atomically: `model.safetensors` (its state dict, with the size
+    attributes of its modules in the metadata, so `load_module` can resize a fresh module of the class),
+    `model.pt2` (`torch.export.save` of the pruned module: `torch.export.load(...).module()` runs it
+    without its class) and the reports. A module torch.export cannot export (traced by the FX
+    fallback) gets no model.pt2, and its report says so."""
+    import safetensors.torch
+
+    from ..passes.modules import module_size_attributes
+    from .paths import check_output
+
+    out = check_output(out, force=force)
+    require_free_space(out.parent, 2 * model_bytes(model) + OUTPUT_FILES_SLACK_BYTES,
+                       what=f"the pruned module to {out}")
+    args, kwargs = (((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {}))
+    with atomic_directory(out, force=force) as tmp:
+        # save_model, not save_file: tied parameters share storage, which save_file refuses
+        safetensors.torch.save_model(model, str(tmp / MODULE_WEIGHTS),
+                                     metadata={_SIZES_KEY: json.dumps(module_size_attributes(model), sort_keys=True)})
+        files = [MODULE_WEIGHTS]
+        try:
+            with torch.no_grad():
+                program = torch.export.export(model, args, kwargs, strict=False)
+            torch.export.save(program, str(tmp / MODULE_PROGRAM))
+            files.append(MODULE_PROGRAM)
+            why = None
+        except Exception as error:  # noqa: BLE001 - the weights are still usable with the class
+            why = f"torch.export could not export the pruned module ({type(error).__name__}); no {MODULE_PROGRAM}"
+        if report is not None:
+            report["module"] = {
+                "class": f"{type(model).__module__}.{type(model).__qualname__}", "files": files,
+                "example_inputs": [f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+                                   for t in (kwargs.values() if kwargs else args)],
+                "reload": (f"graphprune.load_module({type(model).__name__}(...), DIR) resizes a freshly built module "
+                           f"to the pruned shapes and loads {MODULE_WEIGHTS}"
+                           + (f"; torch.export.load('DIR/{MODULE_PROGRAM}').module() runs it without the class"
+                              if MODULE_PROGRAM in files else "")),
+                **({"note": why} if why else {}),
+            }
+            write_reports(tmp, report)
+    return out
+
+
+def load_module(module: torch.nn.Module, source: str | Path | dict) -> torch.nn.Module:
+    """Load a pruned plain module's weights into `module`, a freshly built module of the class that was
+    pruned (its dense shapes): every tensor takes its pruned shape and every Conv/Linear/norm its size
+    attributes, then `load_state_dict(strict=True)`. `source`: a graphprune output folder, its
+    model.safetensors, or a state dict (`torch.load` of `state_dict()`; sizes then come from the shapes)."""
+    from ..passes.modules import resize_to
+
+    sizes = None
+    if isinstance(source, dict):
+        tensors = dict(source)
+    else:
+        import safetensors
+        from safetensors.torch import load_file
+
+        path = Path(source)
+        path = path / MODULE_WEIGHTS if path.is_dir() else path
+        if not path.is_file():
+            raise OutputError(f"{path} does not exist: expected a graphprune output folder or its {MODULE_WEIGHTS}")
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        sizes = json.loads(metadata[_SIZES_KEY]) if _SIZES_KEY in metadata else None
+        tensors = load_file(str(path))
+        # save_model kept one name of each tied parameter: give the others back
+        by_id: dict[int, list[str]] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(param), []).append(name)
+        for names in by_id.values():
+            stored = next((n for n in names if n in tensors), None)
+            for name in names if stored is not None else ():
+                tensors.setdefault(name, tensors[stored])
+    try:
+        return resize_to(module, tensors, sizes).eval()
+    except RuntimeError as error:
+        raise OutputError(f"the pruned weights do not fit {type(module).__name__}: "
+                          f"{str(error).strip().splitlines()[0]}") from error

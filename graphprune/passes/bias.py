@@ -17,6 +17,11 @@ class BiasCompensation(Pass[RewriteState]):
 
     name = "bias"
 
+    def __init__(self, *, conv: bool = False) -> None:
+        # convolution consumers too (the plain-module rewrite): exact away from zero-padded borders,
+        # where a removed channel contributed zeros rather than its mean
+        self.conv = conv
+
     def requires(self, rewrite: RewriteState) -> None:
         if rewrite.statistics is None:
             raise PassError("bias compensation needs the calibration statistics of the consumer layers")
@@ -28,7 +33,7 @@ class BiasCompensation(Pass[RewriteState]):
             units = rewrite.removed.get(g.id)
             if units is None or len(units) == 0:
                 continue
-            for s in consumer_slices(g):
+            for s in consumer_slices(g, conv=self.conv):
                 if s.expert is not None:
                     continue  # one expert of stacked weights: no per-expert bias to carry the constant
                 module = module_of(s.param)
@@ -37,7 +42,12 @@ class BiasCompensation(Pass[RewriteState]):
                     continue
                 cols = torch.as_tensor(s.indices[units].reshape(-1))
                 # [out, in], also for Conv1D [in, out]; only the removed columns are converted
-                w = state[s.param].movedim(s.axis, -1)[:, cols].to(torch.float64)
+                w = state[s.param].movedim(s.axis, -1)
+                if w.dim() > 2:  # [out, kh, kw, in]: a constant input adds Σ over the kernel window
+                    w = w.reshape(w.shape[0], -1, w.shape[-1])[:, :, cols].sum(1)
+                else:
+                    w = w[:, cols]
+                w = w.to(torch.float64)
                 delta = w @ stats.mean[cols]
                 if module in bias_delta:
                     bias_delta[module] += delta

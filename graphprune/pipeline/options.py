@@ -74,6 +74,9 @@ class CompressOptions:
     force: bool = False
     export: str | None = None
     release_input: bool = False
+    # Python only: what a plain nn.Module (no Hugging Face config) is traced with, a tensor, a tuple of
+    # positional tensors or a dict of keyword tensors; never a command-line option (it is an object)
+    example_inputs: Any = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -98,6 +101,8 @@ class CompressOptions:
         """These options with the option-only defaults filled, or a one-line UserError."""
         from ..calibration.data import as_calibration
 
+        if self.example_inputs is not None:
+            self = self.replace(example_inputs=checked_example_inputs(self.example_inputs))
         if not isinstance(self.calib, (str, Path)) or not isinstance(self.calib_general, (str, Path, type(None))):
             # Python data (texts, a Dataset, token ids, batches, a forward loop) becomes one CalibrationData
             self = self.replace(calib=as_calibration(self.calib, text_column=self.text_column),
@@ -180,3 +185,18 @@ class CompressOptions:
         if self.target is None:
             return None
         return ",".join(p for p in self.target_parts() if p != "experts")
+
+
+def checked_example_inputs(value: Any) -> tuple | dict:
+    """`example_inputs` as `graph.trace` takes it (a lone tensor becomes a 1-tuple), or a one-line UserError."""
+    import torch
+
+    if torch.is_tensor(value):
+        return (value,)
+    if isinstance(value, (tuple, list)) and value and all(torch.is_tensor(v) for v in value):
+        return tuple(value)
+    if isinstance(value, dict) and value and all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items()):
+        return dict(value)
+    kind = type(value).__name__ if not isinstance(value, (tuple, list, dict)) or value else f"an empty {type(value).__name__}"
+    raise UserError(f"example_inputs= takes a tensor, a tuple of tensors (the positional inputs) or a dict of "
+                    f"tensors (keyword inputs) the module runs on, got {kind}")

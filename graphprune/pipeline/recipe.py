@@ -26,7 +26,7 @@ RECIPE_VERSION = 1
 # Not in a recipe: how or where a run behaves, not what it computes.
 RUNTIME_ONLY = ("out", "progress", "force", "resume", "release_input", "use_cache")
 # Options without a command-line flag (Python only), and those derived from the others.
-NO_FLAG = ("floor", "batch_size", "pair_batch", "text_column", "backend")
+NO_FLAG = ("floor", "batch_size", "pair_batch", "text_column", "backend", "example_inputs")
 DERIVED = ("units_stage",)
 PACKAGES = ("graphprune", "torch", "transformers", "tokenizers", "safetensors", "numpy", "huggingface_hub", "onnx",
             "onnxruntime", "onnxruntime-gpu", "sentence-transformers", "lm_eval")
@@ -60,6 +60,8 @@ def _spec(value: Any) -> Any:
 
 
 def _plain(name: str, value: Any) -> Any:
+    if name == "example_inputs" and value is not None:  # tensors: the recipe keeps what they were, not their values
+        return describe_inputs(value)
     if name in ("calib", "calib_general"):
         return [_spec(v) for v in value] if isinstance(value, (list, tuple)) else _spec(value)
     if isinstance(value, Path):
@@ -69,6 +71,16 @@ def _plain(name: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(name, v) for v in value]
     return value
+
+
+def describe_inputs(value: Any) -> Any:
+    """Shape and dtype of each example input (a tuple or a dict of tensors)."""
+    def one(t):
+        return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+
+    if isinstance(value, dict):
+        return {str(k): one(v) for k, v in value.items()}
+    return [one(v) for v in value]
 
 
 def command_of(model: str | None, options: dict[str, Any]) -> str:
