@@ -205,6 +205,8 @@ class ShapeConstants:
                 self._fix_split(node)
             elif node.op_type == "Slice":
                 self._check_slice(node)
+            elif node.op_type == "Conv":
+                self._fix_group(node)
         return self.rewritten
 
     def _changed(self, node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
@@ -256,6 +258,29 @@ class ShapeConstants:
                 self.set_element(node, 1, k, size)
         elif len(set(sizes)) > 1:
             raise PruningError(f"Split node '{node.name}' splits evenly but its pruned outputs differ in size {sizes}")
+
+    def _fix_group(self, node) -> None:
+        """A grouped Conv's ``group`` follows its channels: ONNX requires C_in == group * W.shape[1].
+
+        The conv rule lays the input channels out as (group, channel-in-group) with the weight's axis 1
+        the channel-in-group part, so the new count is new C_in / new W.shape[1] whichever part was
+        pruned (a depthwise conv: W.shape[1] == 1, so group == its new channel count)."""
+        group = next((a for a in node.attribute if a.name == "group"), None)
+        if group is None or group.i == 1 or len(node.input) < 2:
+            return
+        x, w = self.shapes.of(node.input[0]), self.shapes.of(node.input[1])
+        if x is None or w is None or len(x) < 2 or len(w) < 2:
+            # A grouped Conv outside the traced graph cannot have been pruned (nothing to follow).
+            return
+        if x[1] == self.shapes.old(node.input[0])[1] and w[1] == self.shapes.old(node.input[1])[1]:
+            return  # channels untouched: the file's own group count stands, right or wrong
+        if w[1] <= 0 or x[1] % w[1]:
+            raise PruningError(f"Conv node '{node.name}' would get {x[1]} input channels for a kernel of {w[1]} "
+                               f"channels per group; graphprune cannot set its group count")
+        new = x[1] // w[1]
+        if new != group.i:
+            self.rewritten.append(f"{node.name}.group {group.i} -> {new}")
+            group.i = new
 
     def _check_slice(self, node) -> None:
         x = node.input[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .groups import BLOCKED, FIXED, GroupSet, coupling_graph
+from .groups import BLOCKED, FIXED, GroupSet, coupling_graph, prunable_params
 
 
 def write_graphml(groups: GroupSet, path: str | Path) -> Path:
@@ -78,7 +78,7 @@ def render(groups: GroupSet, *, show_fixed: bool = False) -> str:
         members = [g for g in groups if g.kind == kind]
         per_status = "".join(f"{sum(1 for g in members if g.status == s):>10}" for s in statuses)
         units = sum(g.units for g in members if g.status in ("prunable", "opt-in"))
-        params = sum(g.units * g.params_per_unit for g in members if g.status in ("prunable", "opt-in"))
+        params = prunable_params(g for g in members if g.status in ("prunable", "opt-in"))
         lines.append(f"{kind:<13}{per_status}{units:>10}{params:>18,}")
     counts = {s: sum(1 for g in groups if g.status == s) for s in ("prunable", "opt-in", FIXED, BLOCKED)}
     lines.append("")

@@ -316,13 +316,21 @@ def rule_conv(p: Propagation, op: Op) -> None:
         p.couple(lx[1], lw[1])
         p.couple(ly[1], lw[0])
     else:
+        c_in, c_out, per_group = p.shape(x)[1], p.shape(y)[1], p.shape(w)[1]
+        if groups < 1 or c_in % groups or c_out % groups or per_group * groups != c_in:
+            # The weight layout [C_out, C_in/group, *kernel] is what the channel mapping below relies on.
+            p.block(f"grouped convolution with {c_in} input / {c_out} output channels, group {groups} and "
+                    f"{per_group} kernel channels")
+            return
         # Channels are (group, channel-in-group) in mixed radix on both sides, the group index
-        # shared: pruning whole groups, or the same in-group channel everywhere, stays legal.
+        # shared: pruning whole groups, or the same in-group channel in every group, stays legal
+        # (the ONNX rewrite recomputes `group` as C_in / W.shape[1]). A depthwise conv (one channel
+        # per group) has no in-group part: input channel c, filter c and group c are one unit.
         a = p.atoms
         group = a.new(groups)
-        cin, cout = a.new(p.shape(x)[1] // groups), a.new(p.shape(y)[1] // groups)
-        p.couple(lx[1], Prod((group, cin)))
-        p.couple(ly[1], Prod((group, cout)))
+        cin = a.new(c_in // groups)
+        p.couple(lx[1], a.prod((group, cin)))
+        p.couple(ly[1], a.prod((group, a.new(c_out // groups))))
         p.couple(lw[0], ly[1])
         p.couple(lw[1], cin)
     if b is not None:

@@ -1088,8 +1088,23 @@ def t_conv(b: _Builder, node: onnx.NodeProto) -> None:
     b.require_shapes(node, _outs(node))
     a = _attrs(node)
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    groups = int(a.get("group", 1))
+    x_shape, kernel = b.shape(node.input[0]), b.shape(node.input[1])
+    c_in = x_shape[1] if len(x_shape) > 1 else -1
+    # ONNX's Conv needs C_in == group * W.shape[1] (ConvTranspose: W.shape[0] == C_in, divisible by
+    # group); shape inference does not check it, onnxruntime fails at run time. A file that breaks
+    # it is not a model graphprune could prune or validate: say so instead of tracing a wrong layout.
+    transposed = node.op_type == "ConvTranspose"
+    if transposed:
+        valid = groups >= 1 and len(kernel) > 1 and c_in == kernel[0] and c_in % groups == 0
+    else:
+        valid = groups >= 1 and len(kernel) > 1 and c_in == groups * kernel[1] and kernel[0] % groups == 0
+    if not valid:
+        raise TraceError(f"{node.op_type} node '{b.node_name(node)}' has group {groups} with {c_in} input channels "
+                         f"and a weight of shape {list(kernel)}: not a valid ONNX model (onnxruntime would "
+                         f"refuse to run it)")
     b.emit(node, "conv", [node.input[0], node.input[1], bias], _outs(node)[:1],
-           {"groups": int(a.get("group", 1)), "transposed": node.op_type == "ConvTranspose"})
+           {"groups": groups, "transposed": transposed})
 
 
 def t_batch_norm(b: _Builder, node: onnx.NodeProto) -> None:

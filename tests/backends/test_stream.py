@@ -216,6 +216,8 @@ def test_refusals_in_the_api(models, calib, tmp_path):
             compress_streaming(models["gqa"], tmp_path / "o", device="cuda", calib=calib)
     with pytest.raises(UserError, match="--dtype"):
         compress_streaming(models["gqa"], tmp_path / "o", dtype="int8", calib=calib)
+    with pytest.raises(StreamingUnsupported, match="--out-dtype"):  # not silently ignored
+        compress_streaming(models["gqa"], tmp_path / "o", out_dtype="bf16", calib=calib)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -150,6 +150,9 @@ class StreamBackend(Backend):
         if str(calib[0]) == "none":
             raise StreamingUnsupported("--calib none generates text with the whole model; give calibration text with "
                                        "--stream")
+        if options.out_dtype is not None:
+            raise StreamingUnsupported("--out-dtype converts the whole pruned model in memory; a streamed output keeps "
+                                       "the checkpoint's stored dtype (convert the output afterwards)")
         self.device = resolve_device(options.device or "cpu")
         self.compute_dtype = resolve_dtype(options.dtype or "fp32")
         self.path, self.name_ = stream_source(source)
