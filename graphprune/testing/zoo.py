@@ -1031,15 +1031,22 @@ def tiny_cnn(*, seed: int = 0, num_classes: int = CNN_CLASSES) -> TinyCNN:
     identity defaults) so that a wrongly pruned or permuted BN shows in the output.
     """
     with _fork_rng(seed):
-        model = TinyCNN(num_classes)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.normal_(0.0, 0.1)
-                    module.running_mean.normal_(0.0, 0.1)
-                    module.running_var.uniform_(0.5, 1.5)
+        model = randomise_batch_norms(TinyCNN(num_classes))
     return model.eval()
+
+
+def randomise_batch_norms(model: nn.Module) -> nn.Module:
+    """Trained-like BatchNorm2d affine parameters and running statistics (from the current RNG): with the
+    identity defaults a wrongly pruned or permuted norm does not show, and every folded conv bias of
+    an export is zero (the TorchScript exporter then shares one zero initializer between convs)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.1)
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
 
 
 def _bn_members(prefix: str) -> list[ParamSlice]:

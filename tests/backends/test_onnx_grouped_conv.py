@@ -26,6 +26,7 @@ from graphprune.graph.trace_onnx import analyze_onnx
 from graphprune.pipeline.options import CompressOptions
 from graphprune.pipeline.run import compress
 from graphprune.testing.raw_onnx import export_raw
+from graphprune.testing.zoo import randomise_batch_norms
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -109,17 +110,8 @@ class SharedNet(nn.Module):
 
 
 def randomised(model: nn.Module) -> nn.Module:
-    # Trained-like batch norms: with the identity defaults every folded conv bias is zero, and the
-    # TorchScript exporter then shares one zero initializer between unrelated convs.
     torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.1)
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomise_batch_norms(model).eval()
 
 
 MODELS = {"depthwise": DepthwiseNet, "grouped": GroupedNet, "shared": SharedNet}
