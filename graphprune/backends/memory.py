@@ -265,15 +265,15 @@ class MemoryBackend(Backend):
             raise UserError(f"--export onnx writes a text model's ONNX interface (input_ids, logits); the plain "
                             f"nn.Module {name} is saved as model.safetensors and model.pt2 (torch.export)")
         if stage.layerwise:
-            raise PruningError(f"{'criterion ' + repr(stage.criterion) if stage.scorer.form is Form.BLOCKS else '--compensate lsq / --sequential'} "
-                               f"works block by block through a Hugging Face model's repeated layers; {name} is a "
+            what = (f"criterion {stage.criterion!r}" if stage.scorer.form is Form.BLOCKS
+                    else "--compensate lsq / --sequential")
+            raise PruningError(f"{what} works block by block through a Hugging Face model's repeated layers; {name} is a "
                                f"plain nn.Module: use --compensate bias or none and a criterion such as magnitude, "
                                f"wanda-sp or flap")
         if Need.GRADIENTS in stage.needs or Need.BLOCK_ANGLES in stage.needs or Need.EXPERT_ROUTING in stage.needs:
-            raise PruningError(f"criterion '{stage.criterion}' (allocation {stage.allocation}) needs "
-                               f"{'a language-model loss' if Need.GRADIENTS in stage.needs else 'repeated decoder blocks'}"
-                               f", which the plain nn.Module {name} does not have; use magnitude, spectral, wanda-sp or "
-                               f"flap")
+            lacking = "a language-model loss" if Need.GRADIENTS in stage.needs else "repeated decoder blocks"
+            raise PruningError(f"criterion '{stage.criterion}' (allocation {stage.allocation}) needs {lacking}, which "
+                               f"the plain nn.Module {name} does not have; use magnitude, spectral, wanda-sp or flap")
         if stage.needs and self._module_data() is None:
             what = f"criterion '{stage.criterion}'" if stage.scorer.needs else f"--compensate {stage.compensate}"
             raise CalibrationError(f"{what} needs calibration inputs for the plain nn.Module {name}: pass calib= a "
